@@ -1,0 +1,28 @@
+"""mlx-mixtral: Mixtral 8x7B on Apple silicon with MLX.
+
+The public API, which our own CLI, chat REPL and benchmark use too:
+
+    model, tokenizer = mlx_mixtral.load("mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}])
+    for r in mlx_mixtral.stream_generate(model, tokenizer, ids, max_tokens=100):
+        print(r.text, end="", flush=True)
+
+    cache = mlx_mixtral.make_cache(model)
+    logits = model(mx.array([ids]), cache=cache)   # [batch, length, vocab]
+"""
+
+from .cache import make_cache
+from .errors import MixtralError
+from .generate import GenerationResponse, generate, stream_generate
+from .loading import load
+from .sampling import SamplingParams
+
+__all__ = [
+    "GenerationResponse",
+    "MixtralError",
+    "SamplingParams",
+    "generate",
+    "load",
+    "make_cache",
+    "stream_generate",
+]

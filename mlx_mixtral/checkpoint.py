@@ -1,0 +1,183 @@
+"""Reading a folder of safetensors files, Hugging Face's or mlx-lm's, into MLX-layout tensors.
+
+Shared by the loader and the converter so both accept exactly the same inputs and reject broken
+ones with the same one-line errors. Tensors are loaded lazily (`mx.load` reads bytes only when an
+array is evaluated) and handed out once (`take`), so evaluating a layer frees its source bytes and
+peak memory stays near the size of the output, not twice it.
+
+Hugging Face stores each expert separately (`experts.E.w1/w2/w3`: gate, down, up); MLX stacks them
+per projection as `switch_mlp.{gate,up,down}_proj` `[experts, out, in]`, the layout `mx.gather_mm`
+wants and mlx-lm writes. Folders already in MLX layout pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlx.core as mx
+
+from .config import ModelConfig
+from .errors import MixtralError
+
+INDEX_FILE = "model.safetensors.index.json"
+_HF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_PARTS = ("weight", "scales", "biases")
+
+
+def read_header(path: Path) -> dict:
+    """Parse and sanity-check a safetensors header; a truncated or corrupt file fails here, by name."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise MixtralError(f"{path}: truncated safetensors file ({size} bytes); download or convert it again")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > min(size - 8, 100 << 20):
+                raise MixtralError(f"{path}: corrupt safetensors header; download or convert it again")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise MixtralError(f"{path}: file not found; the checkpoint is incomplete, download it again") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MixtralError(f"{path}: corrupt safetensors header; download or convert it again") from None
+    if not isinstance(header, dict):
+        raise MixtralError(f"{path}: corrupt safetensors header; download or convert it again")
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise MixtralError(
+            f"{path}: truncated safetensors file ({size} of {8 + n + end} bytes); download or convert it again"
+        )
+    return header
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: those its index names, else every *.safetensors."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MixtralError(f"{index}: not a valid safetensors index (no weight_map)") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.exists():
+                raise MixtralError(f"{f}: shard named in {INDEX_FILE} is missing; download it again")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise MixtralError(f"{folder}: no *.safetensors weights found; is this a model folder?")
+    return files
+
+
+class Checkpoint:
+    """The tensors of one model folder, validated up front and loaded lazily on demand."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.files = safetensors_files(self.folder)
+        self.headers = {f: read_header(f) for f in self.files}
+        self._where = {name: f for f, h in self.headers.items() for name in h}
+        # name -> file, kept after `take` so errors can still name the file a tensor came from
+        self.origin: dict[str, Path] = dict(self._where)
+        self._loaded: dict[Path, dict[str, mx.array]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.headers[self._where[name]][name]["shape"])
+
+    def take(self, name: str) -> mx.array:
+        """The tensor, lazily; handed out once so its bytes are freed once consumed."""
+        f = self._where.pop(name)
+        if f not in self._loaded:
+            try:
+                self._loaded[f] = mx.load(str(f))
+            except Exception as e:  # MLX raises plain ValueError/RuntimeError for bad files
+                raise MixtralError(f"{f}: cannot read safetensors file ({e}); download or convert it again") from None
+        arrays = self._loaded[f]
+        array = arrays.pop(name)
+        if not arrays:
+            del self._loaded[f]
+        return array
+
+    def mlx_shapes(self, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Name -> shape in MLX layout, from the headers alone (nothing is loaded)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in self._where:
+            if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            head, sep, tail = name.partition(".block_sparse_moe.experts.")
+            if not sep:
+                shapes[name] = self.shape(name)
+                continue
+            expert, hf, part = tail.split(".", 2)
+            if expert == "0" and hf in _HF_EXPERT:
+                stacked = f"{head}.block_sparse_moe.switch_mlp.{_HF_EXPERT[hf]}.{part}"
+                shapes[stacked] = (config.num_local_experts, *self.shape(name))
+        return shapes
+
+    def layer_weights(self, config: ModelConfig, layer: int) -> dict[str, mx.array]:
+        """Layer `layer`'s tensors in MLX layout (experts stacked)."""
+        prefix = f"model.layers.{layer}."
+        names = [n for n in self._where if n.startswith(prefix)]
+        out: dict[str, mx.array] = {}
+        experts = f"{prefix}block_sparse_moe.experts."
+        for name in names:
+            if not name.startswith(experts) and not name.endswith("rotary_emb.inv_freq"):
+                out[name] = self.take(name)
+        for hf, mlx in _HF_EXPERT.items():
+            for part in _PARTS:
+                first = f"{experts}0.{hf}.{part}"
+                if first not in self._where:
+                    continue
+                parts = []
+                for e in range(config.num_local_experts):
+                    name = f"{experts}{e}.{hf}.{part}"
+                    if name not in self._where:
+                        raise MixtralError(
+                            f"{self.folder}: tensor {name} is missing; the checkpoint is incomplete "
+                            f"or has fewer experts than config.json's num_local_experts ({config.num_local_experts})"
+                        )
+                    parts.append(self.take(name))
+                stacked = f"{prefix}block_sparse_moe.switch_mlp.{mlx}.{part}"
+                self.origin[stacked] = self.origin[first]
+                out[stacked] = mx.stack(parts)
+        leftover = [n for n in names if n.startswith(experts) and n in self._where]
+        if leftover:
+            raise MixtralError(
+                f"{self.file_of(leftover[0])}: unexpected tensor {leftover[0]} (expert index beyond "
+                f"num_local_experts={config.num_local_experts}?)"
+            )
+        return out
+
+    def other_weights(self, config: ModelConfig) -> dict[str, mx.array]:
+        """The tensors outside the decoder layers: embeddings, final norm, lm_head."""
+        out = {n: self.take(n) for n in list(self._where) if not n.startswith("model.layers.")}
+        if config.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
+
+    def iter_weights(self, config: ModelConfig) -> Iterator[tuple[str, dict[str, mx.array]]]:
+        """("embeddings", {...}) then ("layer N", {...}) for each layer: one bounded piece at a time."""
+        yield "embeddings", self.other_weights(config)
+        for layer in range(config.num_hidden_layers):
+            yield f"layer {layer}", self.layer_weights(config, layer)
+        stray = [n for n in self._where if n.startswith("model.layers.")]
+        if stray:
+            raise MixtralError(
+                f"{self.file_of(stray[0])}: tensor {stray[0]} belongs to no layer of a "
+                f"{config.num_hidden_layers}-layer model; does config.json match the weights?"
+            )

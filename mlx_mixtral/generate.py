@@ -1,0 +1,171 @@
+"""Streaming generation: prefill the prompt in chunks, then decode token by token.
+
+The decode loop is double-buffered: it dispatches the computation of token n+1 (`mx.async_eval`)
+before it reads token n back to the host, so the device never idles while Python detokenizes and
+prints. Stop conditions: an EOS token, `max_tokens`, a stop string, or the context limit.
+
+Cache contract: `stream_generate` appends to whatever `cache` already holds, so a caller that keeps
+a cache (the chat REPL) passes only the new tokens. Afterwards the cache holds the prompt and the
+generated tokens, possibly except the last one (check `cache[0].offset`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .cache import make_cache
+from .device import wired_limit
+from .errors import MixtralError
+from .sampling import REPETITION_WINDOW, SamplingParams, apply_repetition_penalty, make_sampler
+from .tokenizer import Tokenizer
+
+PREFILL_STEP = 512  # tokens per prefill chunk: bounds the attention scores' memory on long prompts
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step: the text this token completed, and running statistics."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while running
+    tokens: list[int] = field(default_factory=list, repr=False)  # every token generated so far
+
+
+def _stop_split(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split pending text into (safe to emit, held back, stopped).
+
+    Text is held back while its tail could still grow into a stop string; at a stop string the
+    text before it is emitted and generation stops.
+    """
+    if not stops:
+        return text, "", False
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if first >= 0:
+        return text[:first], "", True
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False
+
+
+def stream_generate(
+    model,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    cache: list | None = None,
+    max_context: int | None = None,
+    stop_on_eos: bool = True,
+    prefill_step: int = PREFILL_STEP,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text, encoded with BOS; or token ids, used as given).
+
+    `max_context` caps the context below the model's `max_position_embeddings`.
+    """
+    sampling = sampling or SamplingParams()
+    sampler = make_sampler(sampling)
+    if seed is not None:
+        mx.random.seed(seed)
+    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not tokens:
+        raise MixtralError("the prompt is empty: give at least one token")
+    if max_tokens < 1:
+        raise MixtralError(f"max tokens must be at least 1, got {max_tokens}")
+    if cache is None:
+        cache = make_cache(model)
+    limit = model.config.max_position_embeddings
+    if max_context:
+        limit = min(limit, max_context)
+    cached = cache[0].offset
+    if cached + len(tokens) >= limit:
+        held = f" plus {cached} already in context" if cached else ""
+        raise MixtralError(
+            f"the prompt has {len(tokens)} tokens{held}, which does not fit the context of "
+            f"{limit} tokens with room to answer; shorten it"
+        )
+    max_tokens = min(max_tokens, limit - cached - len(tokens))
+    recent = mx.array(tokens[-REPETITION_WINDOW:])
+
+    def next_token(logits: mx.array) -> mx.array:
+        nonlocal recent
+        logits = apply_repetition_penalty(logits[:, -1, :], recent, sampling.repetition_penalty)
+        y = sampler(logits)
+        if sampling.repetition_penalty != 1.0:
+            recent = mx.concatenate([recent, y])[-REPETITION_WINDOW:]
+        return y
+
+    with wired_limit():
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        prompt_arr = mx.array(tokens)[None]
+        while prompt_arr.shape[1] > prefill_step:
+            model.model(prompt_arr[:, :prefill_step], cache)  # keys/values only, no logits needed
+            mx.eval([c.state for c in cache])
+            prompt_arr = prompt_arr[:, prefill_step:]
+        y = next_token(model(prompt_arr, cache=cache, last_only=True))
+        mx.async_eval(y)
+
+        detok = tokenizer.detokenizer()
+        generated: list[int] = []
+        pending = ""
+        prompt_tps = gen_start = 0.0
+        n = 0
+        while True:
+            if n + 1 < max_tokens:  # dispatch step n+1 before waiting for token n
+                next_y = next_token(model(y[:, None], cache=cache))
+                mx.async_eval(next_y)
+            token = y.item()
+            if n == 0:
+                gen_start = time.perf_counter()
+                prompt_tps = len(tokens) / (gen_start - start)
+            n += 1
+            finish = None
+            if stop_on_eos and token in tokenizer.eos_token_ids:
+                finish, piece = "stop", detok.finalize()
+            else:
+                generated.append(token)
+                piece = detok.add_token(token)
+                if n >= max_tokens:
+                    finish = "length"
+                    piece += detok.finalize()
+            emit, pending, stopped = _stop_split(pending + piece, stop)
+            if stopped:
+                finish = "stop"
+            elif finish is not None:
+                emit, pending = emit + pending, ""
+            elapsed = time.perf_counter() - gen_start
+            yield GenerationResponse(
+                text=emit,
+                token=token,
+                prompt_tokens=len(tokens),
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+                tokens=generated,
+            )
+            if finish is not None:
+                return
+            y = next_y
+
+
+def generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+    """The whole completion as one string (see `stream_generate` for the arguments)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))

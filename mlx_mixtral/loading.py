@@ -1,0 +1,149 @@
+"""`load(path_or_repo) -> (model, tokenizer)`: from a local folder or the Hugging Face hub.
+
+Accepted: a Hugging Face Mixtral checkpoint (experts stored one by one), or a folder converted by
+mlx-mixtral or by `mlx_lm convert` (experts stacked, optionally quantized with a `quantization`
+block in config.json), or a hub repo id. Everything is checked before a byte of weights is read:
+the config, every shard's header, the tensor names and shapes, so a broken download fails in a
+second with the file's name instead of after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .errors import MixtralError
+from .model import Mixtral
+from .progress import progress_bar
+from .tokenizer import Tokenizer
+
+# What a model needs from a hub repo; never the original `consolidated.*.pt` or other formats.
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                "generation_config.json"]
+
+
+def resolve(path_or_repo: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub repo id, downloaded (only the needed files, resumable)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MixtralError(f"{path}: is a file; pass the model folder that holds config.json")
+        return path
+    text = str(path_or_repo)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise MixtralError(f"{text}: no such folder (and not a hub repo id like 'owner/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub raises many types: offline, 404, gated, auth
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MixtralError(f"{text}: could not download from the Hugging Face hub ({reason})") from None
+
+
+def compute_dtype(stored: mx.Dtype) -> mx.Dtype:
+    """The dtype to compute in for weights (or quantization scales) stored as `stored`.
+
+    On a GPU (Metal, CUDA) half precision is the fast path, so stored float16/bfloat16 stay as
+    they are. On the CPU backend `mx.gather_mm` only accepts float32 and quantized matmuls with
+    bfloat16 scales run ~8x slower than with float32, so floats are widened to float32 there.
+    """
+    if mx.default_device() == mx.cpu and stored in (mx.float16, mx.bfloat16):
+        return mx.float32
+    return stored
+
+
+def _quantization_predicate(config: ModelConfig, shapes: dict[str, tuple[int, ...]]):
+    """Which modules are quantized, and how: per-layer entries first, then what the files hold.
+
+    mlx-lm silently leaves some layers unquantized (widths not divisible by the group size), and
+    files may mix bit widths, so bits and group size are read off each tensor's packed shape.
+    """
+    q = config.quantization or {}
+
+    def predicate(path: str, module: nn.Module) -> Any:
+        if path in q:
+            return q[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in shapes:
+            return False
+        in_dims = module.weight.shape[-1]
+        packed = shapes[f"{path}.weight"][-1]
+        groups = shapes[f"{path}.scales"][-1]
+        return {"group_size": in_dims // groups, "bits": packed * 32 // in_dims,
+                "mode": q.get("mode", "affine")}
+
+    return predicate
+
+
+def build_model(config: ModelConfig, shapes: dict[str, tuple[int, ...]] | None = None) -> Mixtral:
+    """The module tree for `config`, quantized where the checkpoint (`shapes`) is. Allocates nothing."""
+    model = Mixtral(config)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(
+            model, group_size=q.get("group_size", 64), bits=q.get("bits", 4),
+            mode=q.get("mode", "affine"), class_predicate=_quantization_predicate(config, shapes or {}),
+        )
+    return model
+
+
+def _check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> None:
+    expected = {name: tuple(a.shape) for name, a in tree_flatten(model.parameters())}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise MixtralError(
+                f"{ckpt.folder}: tensor {name} is missing from the weights; the checkpoint is "
+                "incomplete or does not match config.json"
+            )
+        if shapes[name] != shape:
+            raise MixtralError(
+                f"{ckpt.origin.get(name, ckpt.folder)}: tensor {name} has shape {list(shapes[name])}, "
+                f"but config.json implies {list(shape)}; the weights do not match the config"
+            )
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise MixtralError(
+            f"{ckpt.origin.get(extra[0], ckpt.folder)}: unexpected tensor {extra[0]}; "
+            "the weights do not match config.json"
+        )
+
+
+def load_model(folder: Path, dtype: mx.Dtype | None = None, progress: bool = True) -> Mixtral:
+    """Build and fill the model, one layer at a time (peak memory ~ the model, not twice it)."""
+    config = ModelConfig.from_file(folder / "config.json")
+    ckpt = Checkpoint(folder)
+    shapes = ckpt.mlx_shapes(config)
+    model = build_model(config, shapes)
+    _check_tensors(model, ckpt, shapes)
+    pieces = ckpt.iter_weights(config)
+    with progress_bar("Loading", total=config.num_hidden_layers + 1, enabled=progress) as advance:
+        for _, weights in pieces:
+            cast = []
+            for name, a in weights.items():
+                if mx.issubdtype(a.dtype, mx.floating):
+                    a = a.astype(dtype or compute_dtype(a.dtype))
+                cast.append((name, a))
+            model.load_weights(cast, strict=False)
+            mx.eval([a for _, a in cast])
+            advance()
+    model.eval()
+    return model
+
+
+def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None,
+         progress: bool = True) -> tuple[Mixtral, Tokenizer]:
+    """Load a Mixtral model and its tokenizer from a folder or a hub repo id.
+
+    `dtype` overrides the compute dtype of floating weights (default: `compute_dtype`).
+    """
+    folder = resolve(path_or_repo)
+    tokenizer = Tokenizer.from_folder(folder)  # cheap; fail before the long part
+    return load_model(folder, dtype=dtype, progress=progress), tokenizer
