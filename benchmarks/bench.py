@@ -1,0 +1,418 @@
+"""Speed of mlx-mixtral in llama-bench's vocabulary, optionally side by side with mlx-lm.
+
+    python benchmarks/bench.py --model PATH                      # a converted or Hugging Face folder
+    python benchmarks/bench.py --synthetic small --bits 4        # random weights, nothing downloaded
+    python benchmarks/bench.py --synthetic small --bits 4 --compare mlx-lm --dense-baseline
+
+Figures: ppN (prompt processing, tok/s, from an empty cache), ttft (time to first token at the
+first pp size), tgN@dD (N generated tokens after a context of D tokens, tok/s), load time, peak
+memory, and for generation the bytes read per token and the bandwidth that achieves (see
+roofline.py). Each figure gets one warm-up then `--trials` timed runs; median and min-max.
+
+Fairness rules: prompts are random token ids, the same for every engine; EOS is disabled, so every
+run generates exactly the requested number of tokens; decoding is greedy; every engine prefills in
+chunks of `--prefill-step` tokens and computes logits only for the last prompt position; neither
+side detokenizes. Engines run interleaved, A/B/A/B, in one process, so drift (thermal, other
+load) hits both alike; ratios are medians of the per-trial ratios. Timing is done here, around
+each engine's own token generator, never taken from an engine's self-reported statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, when run as a script
+
+import roofline  # noqa: E402
+import synthetic  # noqa: E402
+
+from mlx_mixtral import SamplingParams, make_cache, stream_generate  # noqa: E402
+from mlx_mixtral.config import ModelConfig  # noqa: E402
+from mlx_mixtral.errors import MixtralError  # noqa: E402
+from mlx_mixtral.loading import load_model  # noqa: E402
+
+OURS = "mlx-mixtral"
+MLX_LM = "mlx-lm"
+DENSE = "dense"
+SCALE_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+class Engine:
+    """One implementation under test: its model, and how it generates and trims caches."""
+
+    def __init__(self, name: str, model: Any, config: ModelConfig, load_s: float, prefill_step: int):
+        self.name, self.model, self.config = name, model, config
+        self.load_s, self.prefill_step = load_s, prefill_step
+        self.peak_working = 0  # bytes above the resident state, the most any run needed
+
+    def new_cache(self) -> list:
+        raise NotImplementedError
+
+    def tokens(self, prompt: list[int], n: int, cache: list) -> Iterator[Any]:
+        """A generator of exactly `n` tokens after `prompt`, appending to `cache`."""
+        raise NotImplementedError
+
+    def trim(self, cache: list, depth: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def weight_bytes(self) -> int:
+        return synthetic.nbytes(self.model)
+
+
+class Ours(Engine):
+    """mlx-mixtral through its public API (also runs the dense baseline: same loop, same code)."""
+
+    def new_cache(self) -> list:
+        return make_cache(self.model)
+
+    def tokens(self, prompt: list[int], n: int, cache: list) -> Iterator[Any]:
+        return stream_generate(self.model, synthetic.NullTokenizer(), prompt, max_tokens=n,
+                               sampling=SamplingParams(), stop_on_eos=False, cache=cache,
+                               prefill_step=self.prefill_step)
+
+    def trim(self, cache: list, depth: int) -> None:
+        for c in cache:
+            c.trim(c.offset - depth)
+
+
+class MlxLm(Engine):
+    """mlx-lm's `generate_step` (its generation loop minus detokenization and the EOS check)."""
+
+    def new_cache(self) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def tokens(self, prompt: list[int], n: int, cache: list) -> Iterator[Any]:
+        from mlx_lm.generate import generate_step
+
+        return generate_step(mx.array(prompt), self.model, max_tokens=n,
+                             sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
+                             prompt_cache=cache, prefill_step_size=self.prefill_step)
+
+    def trim(self, cache: list, depth: int) -> None:
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        trim_prompt_cache(cache, cache[0].offset - depth)
+
+
+@contextmanager
+def _timed_load() -> Iterator[list[float]]:
+    out: list[float] = []
+    t = time.perf_counter()
+    yield out
+    out.append(time.perf_counter() - t)
+
+
+def load_ours(path: Path, prefill_step: int) -> Engine:
+    with _timed_load() as t:
+        model = load_model(path, progress=False)
+    return Ours(OURS, model, model.config, t[0], prefill_step)
+
+
+def load_mlx_lm(path: Path, prefill_step: int) -> Engine:
+    try:
+        from mlx_lm.utils import load_model as mlx_lm_load_model
+    except ImportError:
+        raise MixtralError("--compare mlx-lm: mlx-lm is not installed (pip install mlx-lm)") from None
+    with _timed_load() as t:
+        model, _ = mlx_lm_load_model(path)
+        mx.eval(model.parameters())
+    return MlxLm(MLX_LM, model, ModelConfig.from_file(path / "config.json"), t[0], prefill_step)
+
+
+def build_synthetic(config: ModelConfig, name: str, prefill_step: int, dense: bool = False,
+                    seed: int = 0) -> Engine:
+    with _timed_load() as t:
+        model = synthetic.fill_random(synthetic.skeleton(config, synthetic.float_dtype(), dense=dense), seed)
+    return Ours(name, model, config, t[0], prefill_step)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """One measured quantity for one engine: its samples, in `unit`."""
+
+    engine: str
+    test: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"engine": self.engine, "test": self.test, "unit": self.unit,
+                "median": statistics.median(self.samples), "min": min(self.samples),
+                "max": max(self.samples), "samples": self.samples}
+
+
+def _run(engine: Engine, prompt: list[int], n: int, cache: list) -> list[float]:
+    """Seconds from the start to each of the `n` tokens; records the engine's working memory."""
+    mx.synchronize()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    start = time.perf_counter()
+    stamps = [time.perf_counter() - start for _ in engine.tokens(prompt, n, cache)]
+    engine.peak_working = max(engine.peak_working, mx.get_peak_memory() - base)
+    if len(stamps) != n:
+        raise RuntimeError(f"{engine.name} generated {len(stamps)} tokens instead of {n}")
+    return stamps
+
+
+def random_prompt(rng: np.random.Generator, vocab: int, length: int) -> list[int]:
+    return rng.integers(0, vocab, size=length).tolist()
+
+
+def measure(engines: list[Engine], pp: list[int], tg: int, depths: list[int], trials: int,
+            seed: int = 0, log: Callable[[str], None] = lambda _: None) -> list[Figure]:
+    """Every figure for every engine, interleaved per trial; trial 0 is the discarded warm-up."""
+    rng = np.random.default_rng(seed)
+    vocab = engines[0].config.vocab_size
+    figures: list[Figure] = []
+
+    def new(test: str, unit: str) -> dict[str, Figure]:
+        made = {e.name: Figure(e.name, test, unit) for e in engines}
+        figures.extend(made.values())
+        return made
+
+    ttft = new(f"ttft@pp{pp[0]}", "ms") if pp else {}
+    for size in pp:
+        log(f"pp{size}")
+        fig = new(f"pp{size}", "tok/s")
+        for trial in range(trials + 1):
+            prompt = random_prompt(rng, vocab, size)
+            for e in engines:
+                first = _run(e, prompt, 1, e.new_cache())[0]
+                if trial:
+                    fig[e.name].samples.append(size / first)
+                    if size == pp[0]:
+                        ttft[e.name].samples.append(first * 1000)
+    for depth in depths:
+        log(f"tg{tg}@d{depth}")
+        fig = new(f"tg{tg}@d{depth}", "tok/s")
+        caches = {e.name: e.new_cache() for e in engines}
+        context = random_prompt(rng, vocab, depth)
+        for e in engines:
+            if depth:
+                _run(e, context, 1, caches[e.name])  # fill the context once; trials trim back to it
+        for trial in range(trials + 1):
+            prompt = random_prompt(rng, vocab, 1)
+            for e in engines:
+                e.trim(caches[e.name], depth)
+                stamps = _run(e, prompt, tg + 1, caches[e.name])
+                if trial:
+                    fig[e.name].samples.append(tg / (stamps[-1] - stamps[0]))
+        for e in engines:
+            e.kv_itemsize = caches[e.name][0].keys.itemsize
+    return figures
+
+
+def ratios(figures: list[Figure], numerator: str, denominator: str, label: str,
+           invert: bool = False) -> list[dict[str, Any]]:
+    """Per-figure median of per-trial ratios `numerator / denominator` (or its inverse).
+
+    Throughputs compare as speed (higher is better); `ms` figures are turned around so a ratio
+    above 1 always means `numerator` is faster, unless `invert`.
+    """
+    by_test: dict[str, dict[str, Figure]] = {}
+    for f in figures:
+        by_test.setdefault(f.test, {})[f.engine] = f
+    out = []
+    for test, fs in by_test.items():
+        if numerator not in fs or denominator not in fs:
+            continue
+        a, b = fs[numerator], fs[denominator]
+        per_trial = [x / y for x, y in zip(a.samples, b.samples)]
+        if (a.unit == "ms") != invert:
+            per_trial = [1 / r for r in per_trial]
+        out.append({"ratio": label, "test": test, "median": statistics.median(per_trial),
+                    "min": min(per_trial), "max": max(per_trial)})
+    return out
+
+
+def roofline_rows(engines: list[Engine], figures: list[Figure], tg: int,
+                  bandwidth: tuple[float, str]) -> list[dict[str, Any]]:
+    """Bytes per generated token and achieved bandwidth for each tg figure and engine."""
+    gbs, source = bandwidth
+    rows = []
+    by_key = {(f.engine, f.test): f for f in figures}
+    for e in engines:
+        weights = roofline.weight_bytes_per_token(e.model, e.config)
+        for (name, test), f in by_key.items():
+            if name != e.name or not test.startswith("tg"):
+                continue
+            depth = int(test.split("@d")[1])
+            kv = roofline.kv_cache_bytes(e.config, depth + tg // 2, e.kv_itemsize)  # mean context
+            per_token = weights + kv
+            achieved = per_token * statistics.median(f.samples) / 1e9
+            rows.append({"engine": e.name, "test": test, "bytes_per_token": per_token,
+                         "weight_bytes_per_token": weights, "kv_bytes_per_token": kv,
+                         "achieved_gbs": achieved, "reference_gbs": gbs, "reference": source,
+                         "fraction_of_reference": achieved / gbs})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="a converted or Hugging Face Mixtral folder")
+    src.add_argument("--synthetic", choices=list(synthetic.SHAPES), help="random weights of a real shape")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8, 16), help="synthetic: 16 = unquantized")
+    p.add_argument("--scales-dtype", choices=list(SCALE_DTYPES), default="bfloat16",
+                   help="synthetic with --compare: dtype of the scales written for both tools to load "
+                        "(bfloat16 is mlx_lm convert's default)")
+    p.add_argument("--pp", type=int, nargs="*", default=[128, 512, 2048], help="prompt sizes")
+    p.add_argument("--tg", type=int, default=128, help="tokens generated per tg run")
+    p.add_argument("--depth", type=int, nargs="+", default=[0], help="context depths for tg")
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--prefill-step", type=int, default=512, help="prefill chunk, the same for all engines")
+    p.add_argument("--compare", choices=[MLX_LM], help="also run this peer on the same model")
+    p.add_argument("--dense-baseline", action="store_true",
+                   help="also run a dense model with the same active parameters per token")
+    p.add_argument("--json", type=Path, help="write every sample and summary here")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.trials < 1 or args.tg < 1 or any(n < 1 for n in args.pp) or any(d < 0 for d in args.depth):
+        p.error("--trials, --tg and --pp must be positive, --depth non-negative")
+    return args
+
+
+def _synthetic_config(args: argparse.Namespace) -> ModelConfig:
+    """The synthetic shape's config, after checking that every model of this run fits in memory."""
+    config = synthetic.shape_config(args.synthetic, args.bits)
+    dtype = synthetic.float_dtype()
+    needed = synthetic.nbytes(synthetic.skeleton(config, dtype))
+    engines = 1
+    if args.compare:
+        scales = SCALE_DTYPES[args.scales_dtype]
+        needed += synthetic.nbytes(synthetic.skeleton(config, dtype, scales))
+        engines += 1
+    if args.dense_baseline:
+        needed += synthetic.nbytes(synthetic.skeleton(config, dtype, dense=True))
+        engines += 1
+    context = max(args.pp, default=0) + max(args.depth) + args.tg + 1
+    needed += engines * roofline.kv_cache_bytes(config, context, dtype.size)
+    what = f"--synthetic {args.synthetic} --bits {args.bits}"
+    if engines > 1:
+        what += f" ({engines} models side by side)"
+    synthetic.check_fits(int(needed * 1.1), what)  # 10% for activations and the allocator
+    return config
+
+
+def load_engines(args: argparse.Namespace, log: Callable[[str], None]) -> list[Engine]:
+    step = args.prefill_step
+    with tempfile.TemporaryDirectory(prefix="mlx-mixtral-bench-") as tmp:
+        if args.synthetic:
+            config = _synthetic_config(args)
+            log(f"building synthetic {args.synthetic} ({args.bits} bits)")
+            ours = build_synthetic(config, OURS, step, seed=args.seed)
+            path = None
+            if args.compare:  # both tools load the same files, written like mlx_lm convert would
+                path = synthetic.save_mlx_lm(ours.model, Path(tmp), SCALE_DTYPES[args.scales_dtype])
+                del ours
+                ours = load_ours(path, step)
+        else:
+            path = args.model
+            log(f"loading {path}")
+            ours = load_ours(path, step)
+        engines = [ours]
+        if args.compare:
+            log("loading it with mlx-lm")
+            engines.append(load_mlx_lm(path, step))
+    if args.dense_baseline:
+        log("building the dense baseline")
+        engines.append(build_synthetic(ours.config, DENSE, step, dense=True, seed=args.seed))
+    return engines
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "chip": roofline.chip_name(), "cpus": os.cpu_count(), "mlx": mx.__version__,
+            "device": str(mx.default_device()), "ld_preload": os.environ.get("LD_PRELOAD", "")}
+
+
+def report(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{result['model']}  ({result['machine']['device']}, mlx {result['machine']['mlx']})")
+    for col in ("test", "engine", "median", "min-max", "unit"):
+        table.add_column(col, justify="left" if col in ("test", "engine") else "right")
+    for f in result["figures"]:
+        table.add_row(f["test"], f["engine"], f"{f['median']:.2f}", f"{f['min']:.2f}-{f['max']:.2f}", f["unit"])
+    for e in result["engines"]:
+        table.add_row("load", e["engine"], f"{e['load_s']:.2f}", "", "s")
+        table.add_row("peak memory", e["engine"], f"{e['peak_memory_gb']:.2f}", "", "GB")
+    console.print(table)
+    if result["ratios"]:
+        rt = Table(title="ratios (median of per-trial ratios; > 1: the first is faster)")
+        for col in ("ratio", "test", "median", "min-max"):
+            rt.add_column(col)
+        for r in result["ratios"]:
+            rt.add_row(r["ratio"], r["test"], f"{r['median']:.3f}", f"{r['min']:.3f}-{r['max']:.3f}")
+        console.print(rt)
+    rf = Table(title="roofline (generation)")
+    for col in ("engine", "test", "GB/token", "achieved GB/s", "reference"):
+        rf.add_column(col)
+    for r in result["roofline"]:
+        rf.add_row(r["engine"], r["test"], f"{r['bytes_per_token'] / 1e9:.4g}", f"{r['achieved_gbs']:.2f}",
+                   f"{100 * r['fraction_of_reference']:.1f}% of {r['reference_gbs']:.1f} GB/s ({r['reference']})")
+    console.print(rf)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        engines = load_engines(args, log)
+        figures = measure(engines, args.pp, args.tg, args.depth, args.trials, args.seed, log)
+    except MixtralError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    all_ratios = []
+    if args.compare:
+        all_ratios += ratios(figures, OURS, MLX_LM, f"{OURS} / {MLX_LM} speed")
+    if args.dense_baseline:
+        all_ratios += ratios(figures, OURS, DENSE, "MoE / dense time per token", invert=True)
+    result = {
+        "model": str(args.model) if args.model else f"synthetic {args.synthetic} {args.bits}-bit",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "engines": [{"engine": e.name, "load_s": e.load_s, "weights_gb": e.weight_bytes / 1e9,
+                     "peak_memory_gb": (e.weight_bytes + e.peak_working) / 1e9} for e in engines],
+        "figures": [f.summary() for f in figures],
+        "ratios": all_ratios,
+        "roofline": roofline_rows(engines, figures, args.tg, roofline.reference_bandwidth()),
+    }
+    report(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The benchmark (benchmarks/bench.py) end to end on a tiny synthetic model, its roofline
+arithmetic against a hand count for Mixtral 8x7B, its memory refusal, and the wired-memory guard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_mixtral import device
+from mlx_mixtral.errors import MixtralError
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import roofline  # noqa: E402
+import synthetic  # noqa: E402
+
+
+def _bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH_DIR / "bench.py"), *args], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+
+
+def test_bench_runs_on_tiny_synthetic_with_peer_and_dense_baseline(tmp_path):
+    pytest.importorskip("mlx_lm")
+    out = tmp_path / "bench.json"
+    proc = _bench("--synthetic", "tiny", "--trials", "1", "--pp", "16", "32", "--tg", "8",
+                  "--depth", "0", "20", "--compare", "mlx-lm", "--dense-baseline", "--json", str(out),
+                  tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    engines = {"mlx-mixtral", "mlx-lm", "dense"}
+    assert {e["engine"] for e in result["engines"]} == engines
+    tests = {"ttft@pp16", "pp16", "pp32", "tg8@d0", "tg8@d20"}
+    figures = {(f["engine"], f["test"]): f for f in result["figures"]}
+    assert set(figures) == {(e, t) for e in engines for t in tests}
+    for f in figures.values():
+        assert len(f["samples"]) == 1 and f["median"] > 0
+    assert {(r["ratio"], r["test"]) for r in result["ratios"]} == {
+        (label, t) for label in ("mlx-mixtral / mlx-lm speed", "MoE / dense time per token") for t in tests}
+    rows = {(r["engine"], r["test"]): r for r in result["roofline"]}
+    assert set(rows) == {(e, t) for e in engines for t in ("tg8@d0", "tg8@d20")}
+    ours = rows[("mlx-mixtral", "tg8@d20")]
+    assert ours["kv_bytes_per_token"] > rows[("mlx-mixtral", "tg8@d0")]["kv_bytes_per_token"] > 0
+    assert ours["achieved_gbs"] > 0 and 0 < ours["fraction_of_reference"]
+
+
+def test_bytes_per_token_of_mixtral_8x7b_match_a_hand_count():
+    # Lazy skeleton: shapes and dtypes only, nothing allocated. 4 bits, groups of 64, 2-byte scales.
+    model = synthetic.skeleton(synthetic.shape_config("mixtral-8x7b", 4, group_size=64), mx.float16)
+    hidden, inter, layers, vocab, kv_dim = 4096, 14336, 32, 32000, 8 * 128
+    attention = layers * (2 * hidden * hidden + 2 * hidden * kv_dim)  # q, o + k, v
+    experts = layers * 2 * 3 * hidden * inter  # top-2 of 8, each gate + up + down
+    router = layers * 8 * hidden
+    lm_head = vocab * hidden
+    embedding_row = hidden
+    norms = (2 * layers + 1) * hidden
+    matrices = attention + experts + router + lm_head + embedding_row  # all quantized, as mlx-lm does
+    assert roofline.parameter_count_per_token(model, model.config) == matrices + norms
+    assert round((matrices + norms) / 1e9, 2) == 12.75
+    per_param = 4 / 8 + 2 * 2 / 64  # packed codes, then a 2-byte scale and a 2-byte bias per 64
+    expected = matrices * per_param + norms * 2
+    assert roofline.weight_bytes_per_token(model, model.config) == pytest.approx(expected, rel=1e-12)
+    assert round(expected / 1e9, 2) == 7.17
+    # KV cache at depth 4096: keys + values, 8 kv heads x 128, 32 layers, float16.
+    assert roofline.kv_cache_bytes(model.config, 4096, 2) == 32 * 2 * kv_dim * 2 * 4096
+
+
+def test_chip_bandwidth_table_prefers_the_longest_name():
+    assert roofline.chip_bandwidth("Apple M2 Max") == 400
+    assert roofline.chip_bandwidth("Apple M2") == 100
+    assert roofline.chip_bandwidth("Intel(R) Xeon(R)") is None
+    assert roofline.chip_bandwidth(None) is None
+
+
+def test_memory_check_refuses_with_the_numbers():
+    with pytest.raises(MixtralError, match=r"needs about 93\.4 GB but this machine offers 16\.0 GB"):
+        synthetic.check_fits(93_400_000_000, "x", (16_000_000_000, "available RAM"))
+    synthetic.check_fits(1_000, "x", (16_000_000_000, "available RAM"))
+
+
+def test_bench_refuses_a_model_that_cannot_fit(tmp_path):
+    proc = _bench("--synthetic", "mixtral-8x22b", "--bits", "16", "--trials", "1", tmp_path=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs about" in lines[0] and "GB but this machine offers" in lines[0]
+
+
+def test_wired_limit_is_a_no_op_without_metal(monkeypatch):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+
+    def forbidden(*_):
+        raise AssertionError("wired limit touched without Metal")
+
+    monkeypatch.setattr(mx, "set_wired_limit", forbidden)
+    monkeypatch.setattr(mx, "device_info", forbidden)
+    with device.wired_limit():
+        pass
+
+
+def test_wired_limit_sets_and_restores_with_metal(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 123})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 7)
+    with device.wired_limit():
+        assert calls == [123]
+    assert calls == [123, 7]
+    with pytest.raises(RuntimeError), device.wired_limit():  # restored on errors too
+        raise RuntimeError("boom")
+    assert calls == [123, 7, 123, 7]
