@@ -126,6 +126,7 @@ class Checkpoint:
             expert, hf, part = tail.split(".", 2)
             if expert == "0" and hf in _HF_EXPERT:
                 stacked = f"{head}.block_sparse_moe.switch_mlp.{_HF_EXPERT[hf]}.{part}"
+                self.origin[stacked] = self.origin[name]
                 shapes[stacked] = (config.num_local_experts, *self.shape(name))
         return shapes
 
@@ -152,9 +153,7 @@ class Checkpoint:
                             f"or has fewer experts than config.json's num_local_experts ({config.num_local_experts})"
                         )
                     parts.append(self.take(name))
-                stacked = f"{prefix}block_sparse_moe.switch_mlp.{mlx}.{part}"
-                self.origin[stacked] = self.origin[first]
-                out[stacked] = mx.stack(parts)
+                out[f"{prefix}block_sparse_moe.switch_mlp.{mlx}.{part}"] = mx.stack(parts)
         leftover = [n for n in names if n.startswith(experts) and n in self._where]
         if leftover:
             raise MixtralError(

@@ -1,0 +1,138 @@
+"""Loading: the accepted folder layouts, mlx-lm compatibility, and a one-line error for each broken input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import PROBE_TOKENS
+
+import mlx_mixtral
+from mlx_mixtral import MixtralError
+from mlx_mixtral.config import ModelConfig
+
+
+@pytest.fixture
+def broken(tmp_path, hf_checkpoint_factory):
+    """A private, editable copy of a sharded checkpoint."""
+
+    def copy(shards: int = 3) -> Path:
+        dst = tmp_path / "model"
+        shutil.copytree(hf_checkpoint_factory("gqa", shards=shards), dst)
+        return dst
+
+    return copy
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _load_error(folder) -> str:
+    with pytest.raises(MixtralError) as e:
+        mlx_mixtral.load(folder, progress=False)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_loads_what_mlx_lm_convert_writes(quantize, hf_checkpoint_factory, mlx_lm_converted, mlx_lm_reference):
+    path = mlx_lm_converted(hf_checkpoint_factory("gqa"), quantize=quantize, bits=4, group_size=32)
+    model, _ = mlx_mixtral.load(path, progress=False)
+    ours = np.array(model(mx.array([PROBE_TOKENS])))
+    ref = mlx_lm_reference.logits(path, [PROBE_TOKENS])
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_loads_mlx_lm_bfloat16_scales_as_float32_on_cpu(hf_checkpoint_factory, mlx_lm_converted, mlx_lm_reference):
+    """mlx-lm's default keeps bf16 scales; we widen them (same numbers, far faster on the CPU)."""
+    path = mlx_lm_converted(hf_checkpoint_factory("gqa"), quantize=True, bits=8, group_size=32, dtype="bfloat16")
+    model, _ = mlx_mixtral.load(path, progress=False)
+    switch = model.layers[0].block_sparse_moe.switch_mlp.gate_proj
+    assert switch.bits == 8 and switch.scales.dtype == mx.float32
+    ours = np.array(model(mx.array([PROBE_TOKENS])).astype(mx.float32))
+    ref = mlx_lm_reference.logits(path, [PROBE_TOKENS])
+    assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_not_a_mixtral_config(broken):
+    folder = broken(1)
+    _edit_config(folder, model_type="llama")
+    message = _load_error(folder)
+    assert "config.json" in message and "llama" in message
+
+
+@pytest.mark.parametrize("field", ["num_local_experts", "hidden_size", "vocab_size"])
+def test_missing_config_field(broken, field):
+    folder = broken(1)
+    _edit_config(folder, **{field: None})
+    message = _load_error(folder)
+    assert "config.json" in message and field in message
+
+
+def test_missing_shard(broken):
+    folder = broken()
+    victim = sorted(folder.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    assert victim.name in _load_error(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty"])
+def test_corrupt_shard(broken, damage):
+    folder = broken()
+    victim = sorted(folder.glob("model-*.safetensors"))[-1]
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) - 100])
+    elif damage == "header":
+        victim.write_bytes(data[:8] + b"{not json" + data[17:])
+    else:
+        victim.write_bytes(b"")
+    message = _load_error(folder)
+    assert victim.name in message and ("truncated" in message or "corrupt" in message)
+
+
+def test_shape_disagrees_with_config(broken):
+    folder = broken(1)
+    _edit_config(folder, intermediate_size=96)
+    message = _load_error(folder)
+    assert "model.safetensors" in message and "shape" in message
+
+
+def test_fewer_layers_in_weights_than_config(broken):
+    folder = broken(1)
+    _edit_config(folder, num_hidden_layers=3)
+    assert "model.layers.2" in _load_error(folder)
+
+
+def test_missing_tokenizer(broken):
+    folder = broken(1)
+    (folder / "tokenizer.model").unlink()
+    assert "tokenizer.model" in _load_error(folder)
+
+
+def test_missing_folder_and_bad_repo_id(tmp_path):
+    assert "no such folder" in _load_error(tmp_path / "nope")
+    # A repo id with the hub unreachable (tests run offline) is one line too.
+    assert "hub" in _load_error("nobody-here/not-a-model")
+
+
+def test_config_reads_every_field(hf_checkpoint_factory):
+    cfg = ModelConfig.from_file(hf_checkpoint_factory("head_dim") / "config.json")
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (64, 4, 2, 32)
+    cfg = ModelConfig.from_file(hf_checkpoint_factory("sliding_window") / "config.json")
+    assert cfg.sliding_window == 16 and cfg.max_position_embeddings == 128
+    cfg = ModelConfig.from_file(hf_checkpoint_factory("rope_theta") / "config.json")  # rope_parameters
+    assert cfg.rope_theta == 1e4
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
