@@ -51,7 +51,7 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
         logits = logits.astype(mx.float32) / params.temp
         if params.top_k and params.top_k < logits.shape[-1]:
             # Everything below the k-th largest logit is out.
-            kth = mx.partition(logits, -params.top_k, axis=-1)[..., -params.top_k : -params.top_k + 1]
+            kth = mx.partition(logits, -params.top_k, axis=-1)[..., -params.top_k, None]
             logits = mx.where(logits < kth, -mx.inf, logits)
         if params.min_p > 0:
             # Out: tokens less likely than min_p times the most likely one.

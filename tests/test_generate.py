@@ -1,0 +1,122 @@
+"""Sampling filters, stop conditions and the streaming contract of `stream_generate`."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import PROBE_TOKENS
+
+import mlx_mixtral
+from mlx_mixtral import MixtralError, SamplingParams
+from mlx_mixtral.generate import _stop_split
+from mlx_mixtral.sampling import apply_repetition_penalty, make_sampler
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_checkpoint_factory):
+    return mlx_mixtral.load(hf_checkpoint_factory("gqa"), progress=False)
+
+
+def _support(params: SamplingParams, logits: list[float], draws: int = 400) -> set[int]:
+    """The set of tokens a sampler ever picks for these logits."""
+    sampler = make_sampler(params)
+    mx.random.seed(0)
+    x = mx.broadcast_to(mx.array([logits]), (draws, len(logits)))
+    return set(np.array(sampler(x)).tolist())
+
+
+LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0, -3.0]  # probabilities ~ .53 .20 .12 .07 .03 .004
+
+
+def test_greedy_is_argmax():
+    assert _support(SamplingParams(temp=0), LOGITS) == {0}
+
+
+def test_filters_restrict_the_support():
+    assert _support(SamplingParams(temp=1.0), LOGITS) >= {0, 1, 2, 3}
+    assert _support(SamplingParams(temp=1.0, top_k=2), LOGITS) == {0, 1}
+    assert _support(SamplingParams(temp=1.0, top_p=0.6), LOGITS) == {0, 1}  # .53 < .6 <= .73
+    assert _support(SamplingParams(temp=1.0, min_p=0.2), LOGITS) == {0, 1, 2}  # >= .2 * .53
+    assert _support(SamplingParams(temp=1.0, top_k=1), LOGITS) == {0}
+
+
+def test_repetition_penalty_follows_hugging_face():
+    logits = mx.array([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, mx.array([0, 1, 1]), 2.0)
+    assert np.array(out).tolist() == [[1.0, -4.0, 1.0]]
+
+
+@pytest.mark.parametrize("bad", [dict(temp=-1), dict(top_p=0), dict(top_k=-2), dict(min_p=1.5),
+                                 dict(repetition_penalty=0)])
+def test_bad_sampling_values(bad):
+    with pytest.raises(MixtralError):
+        make_sampler(SamplingParams(**bad))
+
+
+def test_stop_strings_are_held_back_until_decided():
+    assert _stop_split("hello wor", ["world"]) == ("hello ", "wor", False)
+    assert _stop_split("hello world and", ["world"]) == ("hello ", "", True)
+    assert _stop_split("abc", []) == ("abc", "", False)
+
+
+def test_streamed_text_is_the_decoded_tokens(tiny):
+    model, tokenizer = tiny
+    responses = list(mlx_mixtral.stream_generate(model, tokenizer, PROBE_TOKENS, max_tokens=20, stop_on_eos=False))
+    tokens = [r.token for r in responses]
+    assert len(tokens) == 20 and responses[-1].finish_reason == "length"
+    assert "".join(r.text for r in responses) == tokenizer.decode(tokens)
+    assert responses[-1].generation_tokens == 20 and responses[-1].prompt_tokens == len(PROBE_TOKENS)
+    assert responses[-1].peak_memory_gb > 0
+
+
+def test_stop_string_ends_generation(tiny):
+    model, tokenizer = tiny
+    full = mlx_mixtral.generate(model, tokenizer, PROBE_TOKENS, max_tokens=20, stop_on_eos=False)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    first = full.index(stop)
+    out = list(mlx_mixtral.stream_generate(model, tokenizer, PROBE_TOKENS, max_tokens=20,
+                                           stop=[stop], stop_on_eos=False))
+    assert "".join(r.text for r in out) == full[:first]
+    assert out[-1].finish_reason == "stop"
+
+
+def test_eos_stops_generation(tiny):
+    model, tokenizer = tiny
+    free = [r.token for r in mlx_mixtral.stream_generate(model, tokenizer, PROBE_TOKENS, max_tokens=12, stop_on_eos=False)]
+    tokenizer.eos_token_ids = {free[5]}  # pretend the 6th token is EOS
+    try:
+        out = list(mlx_mixtral.stream_generate(model, tokenizer, PROBE_TOKENS, max_tokens=12))
+    finally:
+        tokenizer.eos_token_ids = {tokenizer.eos_id}
+    assert [r.token for r in out] == free[: free.index(free[5]) + 1]
+    assert out[-1].finish_reason == "stop" and out[-1].text == ""
+
+
+def test_cache_holds_prompt_and_reply_and_continues(tiny):
+    """Passing the cache back appends to it: a second turn equals one long prefill."""
+    model, tokenizer = tiny
+    cache = mlx_mixtral.make_cache(model)
+    out = list(mlx_mixtral.stream_generate(model, tokenizer, PROBE_TOKENS, max_tokens=6, cache=cache, stop_on_eos=False))
+    seen = PROBE_TOKENS + [r.token for r in out]
+    assert cache[0].offset in (len(seen) - 1, len(seen))
+    more = seen[cache[0].offset :] + [28705, 415]
+    logits = model(mx.array([more]), cache=cache)
+    full = model(mx.array([seen + [28705, 415]]))
+    np.testing.assert_allclose(np.array(logits[0, -1]), np.array(full[0, -1]), atol=1e-4)
+
+
+def test_prompt_longer_than_context(tiny):
+    model, tokenizer = tiny
+    too_long = [1] + [415] * model.config.max_position_embeddings
+    with pytest.raises(MixtralError, match="does not fit the context"):
+        next(mlx_mixtral.stream_generate(model, tokenizer, too_long))
+    with pytest.raises(MixtralError, match="context of 8 tokens"):
+        next(mlx_mixtral.stream_generate(model, tokenizer, PROBE_TOKENS, max_context=8))
+
+
+def test_generation_stops_at_the_context_limit(tiny):
+    model, tokenizer = tiny
+    out = list(mlx_mixtral.stream_generate(model, tokenizer, PROBE_TOKENS, max_tokens=100,
+                                           max_context=len(PROBE_TOKENS) + 5, stop_on_eos=False))
+    assert len(out) == 5 and out[-1].finish_reason == "length"
