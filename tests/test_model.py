@@ -89,3 +89,11 @@ def test_generation_is_repeatable_with_a_seed(hf_checkpoint_factory):
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_sliding_window_far_beyond_the_window(hf_checkpoint_factory, hf_reference):
+    """100 tokens with a window of 16: every position past 16 must forget the early ones, as HF does."""
+    path = hf_checkpoint_factory("sliding_window")
+    model, _ = mlx_mixtral.load(path, progress=False)
+    tokens = [1] + np.random.default_rng(1).integers(3, 32000, 99).tolist()
+    assert np.abs(_logits(model, [tokens]) - hf_reference.logits(path, [tokens])).max() < 1e-4
