@@ -2,7 +2,8 @@
 
 `tokenizer.model` is used through sentencepiece directly: Hugging Face's tokenizers split some
 whitespace runs differently, and mistral-common (the reference for the chat format) also encodes
-with plain sentencepiece.
+with plain sentencepiece. A folder with only `tokenizer.json` (what recent `mlx_lm convert` writes)
+gets the equivalent sentencepiece model rebuilt from it (`sentencepiece_json`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,26 @@ import sentencepiece as spm
 
 from .chat_format import encode_chat
 from .errors import MixtralError
+from .sentencepiece_json import model_proto_from_tokenizer_json
 
 
 class Tokenizer:
     """SentencePiece tokenizer.model used directly (not HF tokenizers, which split some whitespace runs differently)."""
 
-    def __init__(self, model_file: str | os.PathLike) -> None:
+    def __init__(self, model_file: str | os.PathLike, model_proto: bytes | None = None) -> None:
+        """Load the sentencepiece model `model_file`, or `model_proto` (its serialized bytes) if given.
+
+        `model_file` is the file the tokenizer came from: `tokenizer.model`, or the `tokenizer.json`
+        that `model_proto` was rebuilt from (see `from_tokenizer_json`).
+        """
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise MixtralError(f"Tokenizer file not found: {self.model_file}")
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+            if model_proto is None:
+                self._sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+            else:
+                self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except (OSError, RuntimeError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise MixtralError(f"Cannot read tokenizer {self.model_file}: {reason}") from None
@@ -37,11 +47,25 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
-        """Load `folder/tokenizer.model`, the layout of both the original and converted checkpoints."""
-        path = Path(folder) / "tokenizer.model"
+        """Load `folder/tokenizer.model`, else the same model rebuilt from `folder/tokenizer.json`."""
+        folder = Path(folder)
+        if (folder / "tokenizer.model").is_file():
+            return cls(folder / "tokenizer.model")
+        if (folder / "tokenizer.json").is_file():
+            return cls.from_tokenizer_json(folder / "tokenizer.json")
+        raise MixtralError(f"No tokenizer.model or tokenizer.json in {folder}: is it a Mixtral model folder?")
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike) -> Tokenizer:
+        """The sentencepiece model equivalent to a Llama/Mistral-style Hugging Face `tokenizer.json`."""
+        path = Path(path)
         if not path.is_file():
-            raise MixtralError(f"No tokenizer.model in {Path(folder)}: is it a Mixtral model folder?")
-        return cls(path)
+            raise MixtralError(f"Tokenizer file not found: {path}")
+        return cls(path, model_proto=model_proto_from_tokenizer_json(path))
+
+    def save_model(self, path: str | os.PathLike) -> None:
+        """Write the sentencepiece model as a `tokenizer.model` file (e.g. one rebuilt from tokenizer.json)."""
+        Path(path).write_bytes(self._sp.serialized_model_proto())
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Token ids of `text`, with BOS in front when `bos` (a prompt starts with it)."""
