@@ -36,7 +36,7 @@ class KVCache:
             return
         B, H, _, Dk = keys.shape
         Dv = values.shape[3]
-        grow = -(-(needed - capacity) // _STEP) * _STEP
+        grow = -(-(needed - used) // _STEP) * _STEP  # on top of the `used` positions kept
         new_k = mx.zeros((B, H, grow, Dk), keys.dtype)
         new_v = mx.zeros((B, H, grow, Dv), values.dtype)
         if self.keys is None:
