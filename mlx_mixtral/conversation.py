@@ -1,0 +1,341 @@
+"""A chat conversation and the KV cache that mirrors it: the logic of the chat REPL, without a terminal.
+
+The invariant this module keeps: the model always sees exactly
+`tokenizer.apply_chat_template(conversation)`, as if the whole conversation were prefilled from
+scratch, while each turn computes only the tokens that are new. Replies are stored as text and
+the conversation is re-encoded every turn, because re-encoding a reply need not give back the ids
+that were generated (and an interrupted reply gets no EOS while generating, but one once stored).
+So `PromptCache` remembers which ids its KV cache holds, and for a new prompt keeps the longest
+common prefix, trims the rest (or starts afresh where a sliding-window cache cannot trim that far
+back) and feeds only the remainder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import mlx.core as mx
+
+from .cache import make_cache
+from .errors import MixtralError
+from .generate import GenerationResponse, stream_generate
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptCache:
+    """A model's per-layer KV cache together with the exact token ids it holds."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.cache = make_cache(model)
+        self.ids: list[int] = []
+
+    def reset(self) -> None:
+        """Forget everything (the next prompt is prefilled from scratch)."""
+        self.cache = make_cache(self.model)
+        self.ids = []
+
+    def prepare(self, prompt: list[int]) -> list[int]:
+        """Make the cache hold a prefix of `prompt`; return the rest, which the caller must feed.
+
+        At least one id is always left to feed, since the next token needs the logits of the last.
+        """
+        keep = min(common_prefix_length(self.ids, prompt), len(prompt) - 1)
+        if all(c.can_trim_to(keep) for c in self.cache):
+            for c in self.cache:
+                c.trim(c.offset - keep)
+            self.ids = self.ids[:keep]
+        else:  # a sliding window already dropped keys the kept prefix still needs
+            self.reset()
+        return prompt[len(self.ids):]
+
+    def record(self, fed: list[int], generated: list[int]) -> None:
+        """After generation: the cache holds a prefix of what it held, plus `fed`, plus `generated`.
+
+        `cache[0].offset` says how long that prefix is (the last generated id may not have been
+        fed back). Anything inconsistent (layers that disagree) is not trusted: start afresh.
+        """
+        seen = self.ids + fed + generated
+        offsets = {c.offset for c in self.cache}
+        if len(offsets) != 1 or offsets.pop() > len(seen):
+            self.reset()
+            return
+        self.ids = seen[: self.cache[0].offset]
+
+
+@dataclass
+class Exchange:
+    """One user message and the reply to it (`interrupted`: the user stopped it part way)."""
+
+    user: str
+    reply: str
+    interrupted: bool = False
+
+
+@dataclass
+class Conversation:
+    """The system text and the exchanges so far: the single source of what the model sees."""
+
+    system: str | None = None
+    exchanges: list[Exchange] = field(default_factory=list)
+
+    def messages(self, next_user: str | None = None) -> list[dict]:
+        """The chat messages for `apply_chat_template`, optionally with a new user message last."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for e in self.exchanges:
+            out += [{"role": "user", "content": e.user}, {"role": "assistant", "content": e.reply}]
+        if next_user is not None:
+            out.append({"role": "user", "content": next_user})
+        return out
+
+    def to_json(self) -> str:
+        """The conversation as JSON: chat messages, an assistant one flagged if it was cut short."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for e in self.exchanges:
+            messages.append({"role": "user", "content": e.user})
+            messages.append({"role": "assistant", "content": e.reply, **({"interrupted": True} if e.interrupted else {})})
+        return json.dumps({"messages": messages}, ensure_ascii=False, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "the file") -> Conversation:
+        """Parse what `to_json` writes; anything else raises MixtralError naming `source`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MixtralError(f"{source} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list):
+            raise MixtralError(f"{source} is not a saved conversation: expected an object with a 'messages' list")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
+                raise MixtralError(f"{source}: message {i} needs a 'role' and a string 'content'")
+        conversation = cls()
+        if messages and messages[0].get("role") == "system":
+            conversation.system = messages.pop(0)["content"] or None
+        if len(messages) % 2:
+            raise MixtralError(f"{source}: the conversation must end with an assistant reply")
+        for i in range(0, len(messages), 2):
+            user, reply = messages[i], messages[i + 1]
+            if user.get("role") != "user" or reply.get("role") != "assistant":
+                raise MixtralError(
+                    f"{source}: messages must alternate user, assistant after an optional system "
+                    f"message (message {i} is {user.get('role')!r}, {i + 1} is {reply.get('role')!r})"
+                )
+            if not reply["content"]:
+                raise MixtralError(f"{source}: the assistant reply in message {i + 1} is empty")
+            conversation.exchanges.append(Exchange(user["content"], reply["content"], bool(reply.get("interrupted"))))
+        return conversation
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the JSON to `path` (user-fixable failures raise MixtralError); returns the path."""
+        path = Path(path).expanduser()
+        try:
+            path.write_text(self.to_json(), encoding="utf-8")
+        except OSError as e:
+            raise MixtralError(f"cannot save to {path}: {e.strerror or e}") from None
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Conversation:
+        """Read a conversation saved by `save`."""
+        path = Path(path).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MixtralError(f"{path} is not a text file") from None
+        except OSError as e:
+            raise MixtralError(f"cannot read {path}: {e.strerror or e}") from None
+        return cls.from_json(text, source=str(path))
+
+
+# The knobs `/set` changes: the sampling parameters plus these two.
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
+SETTING_KEYS = (*SAMPLING_KEYS, "max_tokens", "seed")
+
+
+@dataclass
+class Settings:
+    """What shapes each reply, always valid: bad values raise MixtralError on creation or update."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 512
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.sampling.validate()
+        if self.max_tokens < 1:
+            raise MixtralError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise MixtralError(f"seed must be from 0 to 2**64 - 1, got {self.seed}")
+
+    def items(self) -> list[tuple[str, object]]:
+        """(name, value) of every setting, in `/set` order."""
+        return [(k, getattr(self.sampling, k)) for k in SAMPLING_KEYS] + [
+            ("max_tokens", self.max_tokens), ("seed", self.seed)]
+
+    def update(self, key: str, text: str) -> str:
+        """Set `key` from `text`, or raise MixtralError (one line) and change nothing.
+
+        Returns the key's canonical name (`top-p` and `top_p` are the same setting).
+        """
+        key = key.replace("-", "_")
+        if key not in SETTING_KEYS:
+            raise MixtralError(f"unknown setting {key!r}; settings: {', '.join(SETTING_KEYS)}")
+        value: object = None
+        if not (key == "seed" and text.lower() in ("none", "off")):
+            kind = int if key in ("top_k", "max_tokens", "seed") else float
+            try:
+                value = kind(text)
+            except ValueError:
+                raise MixtralError(f"{key} takes {'a whole number' if kind is int else 'a number'}, "
+                                   f"not {text!r}") from None
+        if key in SAMPLING_KEYS:
+            checked = replace(self, sampling=replace(self.sampling, **{key: value}))
+        else:
+            checked = replace(self, **{key: value})
+        self.sampling, self.max_tokens, self.seed = checked.sampling, checked.max_tokens, checked.seed
+        return key
+
+
+@dataclass
+class Turn:
+    """One reply in the making: its prompt, and what came of it (filled in while streaming)."""
+
+    user: str
+    prompt: list[int]  # the whole conversation's encoding, ending with this user message
+    dropped: int = 0  # oldest exchanges dropped so the prompt fits the context
+    fed: int = 0  # prompt ids actually computed: those not already in the cache
+    text: str = ""
+    interrupted: bool = False
+    kept: bool = False  # whether the exchange joined the conversation (not when the reply is empty)
+    last: GenerationResponse | None = None
+
+
+class ChatSession:
+    """A conversation with a model, whose KV cache always holds a prefix of the encoded conversation."""
+
+    def __init__(self, model, tokenizer: Tokenizer, settings: Settings | None = None,
+                 max_context: int | None = None, system: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings or Settings()
+        self.limit = model.config.max_position_embeddings
+        if max_context:
+            self.limit = min(self.limit, max_context)
+        self.conversation = Conversation(system or None)
+        self.cache = PromptCache(model)
+        self.last: Turn | None = None
+        self.reseed()
+
+    def reseed(self) -> None:
+        """Seed sampling once per session (or `/set seed`), so `/regen` still gives a new reply."""
+        if self.settings.seed is not None:
+            mx.random.seed(self.settings.seed)
+
+    def set(self, key: str, text: str) -> str:
+        """`/set KEY VALUE`: update a setting (see `Settings.update`); a new seed applies at once."""
+        key = self.settings.update(key, text)
+        if key == "seed":
+            self.reseed()
+        return key
+
+    def reply_room(self) -> int:
+        """Context kept free for a reply: max_tokens, capped at a quarter of the context.
+
+        Reserving room means a long conversation never leaves the next reply a handful of
+        tokens; the cap keeps a large max_tokens from dropping most of the conversation.
+        """
+        return max(1, min(self.settings.max_tokens, self.limit // 4))
+
+    def start(self, user: str) -> Turn:
+        """Encode the conversation plus `user`, dropping the oldest exchanges until it fits.
+
+        A message that cannot fit even alone raises MixtralError and leaves the conversation as is.
+        """
+        room = self.reply_room()
+        alone = Conversation(self.conversation.system).messages(user)
+        need = len(self.tokenizer.apply_chat_template(alone))
+        if need + room > self.limit:
+            what = "this message with the system text" if self.conversation.system else "this message"
+            raise MixtralError(
+                f"{what} takes {need} tokens, which does not fit the context of {self.limit} tokens "
+                f"with {room} left for the reply; shorten it (the conversation is kept)"
+            )
+        dropped = 0
+        while True:
+            prompt = self.tokenizer.apply_chat_template(self.conversation.messages(user))
+            if len(prompt) + room <= self.limit:
+                return Turn(user, prompt, dropped)
+            self.conversation.exchanges.pop(0)
+            dropped += 1
+
+    def undo(self) -> Exchange:
+        """Drop the last exchange (message and reply) and return it."""
+        if not self.conversation.exchanges:
+            raise MixtralError("there is nothing to undo: the conversation is empty")
+        return self.conversation.exchanges.pop()
+
+    def regenerate(self) -> Turn:
+        """Drop the last reply and start a new one to the same message."""
+        if not self.conversation.exchanges:
+            raise MixtralError("there is no reply to regenerate yet")
+        last = self.conversation.exchanges.pop()
+        try:
+            return self.start(last.user)
+        except MixtralError:
+            self.conversation.exchanges.append(last)
+            raise
+
+    def stream(self, turn: Turn) -> Iterator[str]:
+        """Generate the reply to `turn`, yielding text as it comes.
+
+        Closing the generator early (Ctrl-C) keeps the partial reply, marked interrupted. Either
+        way the exchange joins the conversation unless the reply is empty, and the cache keeps
+        what it holds; only an exception from inside generation (e.g. Ctrl-C during the
+        prefill) leaves the cache untrusted, so it is reset.
+        """
+        fed: list[int] = []
+        generated: list[int] = []
+        finished = trusted = False
+        try:
+            fed = self.cache.prepare(turn.prompt)
+            turn.fed = len(fed)
+            with closing(stream_generate(
+                self.model, self.tokenizer, fed, max_tokens=self.settings.max_tokens,
+                sampling=self.settings.sampling, cache=self.cache.cache, max_context=self.limit,
+            )) as responses:
+                for response in responses:
+                    generated.append(response.token)
+                    turn.text += response.text
+                    turn.last = response
+                    yield response.text
+            finished = True
+        except GeneratorExit:  # closed by the consumer between two tokens: the cache is sound
+            trusted = True
+            raise
+        finally:
+            if finished or trusted:
+                self.cache.record(fed, generated)
+            else:
+                self.cache.reset()
+            turn.interrupted = not finished
+            turn.kept = bool(turn.text)
+            if turn.kept:
+                self.conversation.exchanges.append(Exchange(turn.user, turn.text, turn.interrupted))
+            self.last = turn
