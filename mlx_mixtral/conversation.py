@@ -81,7 +81,13 @@ class PromptCache:
 
 @dataclass
 class Exchange:
-    """One user message and the reply to it (`interrupted`: the user stopped it part way)."""
+    """One user message and the reply to it (`interrupted`: the user stopped it part way).
+
+    A cut reply is stored as exactly the text the model wrote, without an "[interrupted]"
+    marker: a marker would be text the model never produced (and might imitate), and would
+    change the encoding of a prefix the cache already holds. The flag is kept beside the text
+    instead, and saved as `"interrupted": true`, outside what the model sees.
+    """
 
     user: str
     reply: str
