@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_mixtral.config import ModelConfig
+from mlx_mixtral.device import in_parallel, parallel_ways, spans
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.loading import build_model, compute_dtype
 from mlx_mixtral.model import Mixtral
@@ -60,13 +61,7 @@ def shape_config(name: str, bits: int, group_size: int = GROUP_SIZE) -> ModelCon
     return replace(SHAPES[name], quantization=quant)
 
 
-class DenseSwiGLU(nn.Module):
-    """A dense SwiGLU feed-forward: the `--dense-baseline` stand-in for a Mixtral MoE block.
-
-    With `intermediate = k * intermediate_size` it holds exactly the parameters one token reads
-    from its k experts, minus the router, so MoE vs dense isolates the cost of routing.
-    """
-
+class _SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
@@ -75,6 +70,28 @@ class DenseSwiGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DenseSwiGLU(nn.Module):
+    """A dense SwiGLU feed-forward: the `--dense-baseline` stand-in for a Mixtral MoE block.
+
+    Its intermediate width is `k * intermediate_size`, so it holds exactly the parameters one
+    token reads from its k experts (minus the router) and MoE vs dense isolates the cost of
+    routing. It is stored as k column blocks of `intermediate_size` (a SwiGLU is the sum of its
+    column blocks), which run side by side on a multi-core CPU like the k experts do, so both
+    models get the same parallelism.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, blocks: int):
+        super().__init__()
+        self.blocks = [_SwiGLU(hidden, intermediate) for _ in range(blocks)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        def part(a: int, b: int) -> mx.array:
+            return sum(block(x) for block in self.blocks[a:b])[None]
+
+        work = [lambda a=a, b=b: part(a, b) for a, b in spans(len(self.blocks), parallel_ways())]
+        return in_parallel(work, axis=0).sum(axis=0)
 
 
 def skeleton(config: ModelConfig, float_dtype: mx.Dtype = mx.float32,
@@ -87,9 +104,9 @@ def skeleton(config: ModelConfig, float_dtype: mx.Dtype = mx.float32,
     model = build_model(replace(config, quantization=None))
     model.config = config  # quantized below, the way `mlx_lm convert` would
     if dense:
-        inter = config.num_experts_per_tok * config.intermediate_size
         for layer in model.layers:
-            layer.block_sparse_moe = DenseSwiGLU(config.hidden_size, inter)
+            layer.block_sparse_moe = DenseSwiGLU(config.hidden_size, config.intermediate_size,
+                                                 config.num_experts_per_tok)
     q = config.quantization
     if q:
         nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q["mode"],

@@ -1,5 +1,8 @@
 """The little that differs between devices, kept in one place.
 
+The CPU backend runs each kernel on one thread, so independent work is spread over side streams
+(one thread each) to use more than one core; GPUs need no such help.
+
 On Apple silicon, macOS may page out ("unwire") GPU buffers that have not been touched for a
 while; for a model that fills most of unified memory that turns each token into a disk read. While
 generating we raise MLX's wired-memory limit to what Metal recommends and restore it afterwards.
@@ -8,8 +11,10 @@ Everywhere else (no Metal: Linux CPU, CUDA) this is a no-op.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 
 import mlx.core as mx
 
@@ -31,3 +36,40 @@ def wired_limit() -> Iterator[None]:
     finally:
         mx.synchronize()
         mx.set_wired_limit(previous)
+
+
+def parallel_ways() -> int:
+    """Into how many parts independent work should be split.
+
+    On the CPU backend each MLX stream is served by its own thread and the big kernels (quantized
+    and gathered matmuls, the bundled BLAS) are single-threaded, so parts on separate streams run
+    on separate cores: one part per core. A GPU already spreads every kernel over all its cores:
+    one part.
+    """
+    return (os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+
+
+@lru_cache(maxsize=None)
+def _cpu_streams(count: int) -> tuple[mx.Stream, ...]:
+    """Created once: each stream owns a thread for the life of the process."""
+    return tuple(mx.new_stream(mx.cpu) for _ in range(count))
+
+
+def in_parallel(work: Sequence[Callable[[], mx.array]], axis: int) -> mx.array:
+    """Build the pieces of `work` (lazily), the first on the current stream, each other one on a
+    CPU side stream of its own, and join them along `axis`."""
+    if len(work) == 1:
+        return work[0]()
+    streams = _cpu_streams(len(work) - 1)
+    parts = [work[0]()]
+    for stream, piece in zip(streams, work[1:]):
+        with mx.stream(stream):
+            parts.append(piece())
+    return mx.concatenate(parts, axis=axis)
+
+
+def spans(n: int, parts: int) -> list[tuple[int, int]]:
+    """`[0, n)` cut into at most `parts` contiguous, nearly equal, non-empty spans."""
+    parts = max(1, min(parts, n))
+    cuts = [n * i // parts for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))

@@ -114,11 +114,15 @@ def stream_generate(
         mx.reset_peak_memory()
         start = time.perf_counter()
         prompt_arr = mx.array(tokens)[None]
-        while prompt_arr.shape[1] > prefill_step:
-            model.model(prompt_arr[:, :prefill_step], cache)  # keys/values only, no logits needed
+        # Every prompt token but the last only has to leave its keys/values in the cache, so only
+        # the cache is evaluated: the lm_head, and the last layer's attention output and MoE,
+        # are never computed for them. The last token then runs as an ordinary decode step.
+        while prompt_arr.shape[1] > 1:
+            n = min(prefill_step, prompt_arr.shape[1] - 1)
+            model.model(prompt_arr[:, :n], cache)
             mx.eval([c.state for c in cache])
-            prompt_arr = prompt_arr[:, prefill_step:]
-        y = next_token(model(prompt_arr, cache=cache, last_only=True))
+            prompt_arr = prompt_arr[:, n:]
+        y = next_token(model(prompt_arr, cache=cache))
         mx.async_eval(y)
 
         detok = tokenizer.detokenizer()

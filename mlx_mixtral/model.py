@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .device import in_parallel, parallel_ways, spans
 
 
 class Attention(nn.Module):
@@ -107,28 +108,33 @@ class SwitchGLU(nn.Module):
         self.up_proj = SwitchLinear(hidden, intermediate, num_experts)
         self.down_proj = SwitchLinear(intermediate, hidden, num_experts)
 
+    def _glu(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        g = self.gate_proj(x, indices, sorted_indices=sorted_indices)
+        u = self.up_proj(x, indices, sorted_indices=sorted_indices)
+        return self.down_proj(nn.silu(g) * u, indices, sorted_indices=sorted_indices)
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # x: [..., hidden], indices: [..., k] -> [..., k, hidden]
+        # The (token, expert) pairs are independent, so on a multi-core CPU they are cut into
+        # parts that run side by side (see device.in_parallel); on a GPU there is one part.
         k = indices.shape[-1]
         lead = indices.shape[:-1]
-        do_sort = indices.size >= self.SORT_THRESHOLD
-        if do_sort:
-            # Prompt processing: group the (token, expert) pairs by expert so each expert's
-            # weights are streamed once, then restore the original order.
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            inv_order = mx.argsort(order)
-            xs = x.reshape(-1, 1, x.shape[-1])[order // k]  # [N*k, 1, hidden]
-            idx = flat[order]
-        else:
+        ways = parallel_ways()
+        if indices.size < self.SORT_THRESHOLD:  # decoding: split the k expert slots
             xs = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, hidden]
-            idx = indices
-        g = self.gate_proj(xs, idx, sorted_indices=do_sort)
-        u = self.up_proj(xs, idx, sorted_indices=do_sort)
-        y = self.down_proj(nn.silu(g) * u, idx, sorted_indices=do_sort)
-        if do_sort:
-            return y[inv_order].reshape(*lead, k, -1)
-        return y.squeeze(-2)
+            y = in_parallel([lambda a=a, b=b: self._glu(xs, indices[..., a:b], False)
+                             for a, b in spans(k, ways)], axis=-3)
+            return y.squeeze(-2)
+        # Prompt processing: group the (token, expert) pairs by expert so each expert's weights
+        # are streamed once, then restore the original order.
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        inv_order = mx.argsort(order)
+        xs = x.reshape(-1, 1, x.shape[-1])[order // k]  # [N*k, 1, hidden]
+        idx = flat[order]
+        y = in_parallel([lambda a=a, b=b: self._glu(xs[a:b], idx[a:b], True)
+                         for a, b in spans(idx.size, ways)], axis=0)
+        return y[inv_order].reshape(*lead, k, -1)
 
 
 class SparseMoE(nn.Module):

@@ -114,3 +114,26 @@ def test_wired_limit_sets_and_restores_with_metal(monkeypatch):
     with pytest.raises(RuntimeError), device.wired_limit():  # restored on errors too
         raise RuntimeError("boom")
     assert calls == [123, 7, 123, 7]
+
+
+@pytest.mark.parametrize("length", [1, 3, 40])  # decode (slots split), and sorted prefill (rows split)
+def test_experts_split_over_cpu_streams_match_one_part_exactly(length, monkeypatch):
+    from mlx_mixtral import model as model_module
+
+    model = synthetic.fill_random(synthetic.skeleton(synthetic.shape_config("tiny", 4)))
+    switch = model.layers[0].block_sparse_moe.switch_mlp
+    x = mx.random.normal((2, length, 64), key=mx.random.key(1))
+    indices = mx.random.randint(0, 8, (2, length, 2), key=mx.random.key(2))
+    monkeypatch.setattr(model_module, "parallel_ways", lambda: 2)
+    split = switch(x, indices)
+    monkeypatch.setattr(model_module, "parallel_ways", lambda: 1)
+    whole = switch(x, indices)
+    assert split.shape == whole.shape == (2, length, 2, 64)
+    assert mx.array_equal(split, whole)
+
+
+def test_spans_cover_the_range_in_nearly_equal_parts():
+    assert device.spans(2, 2) == [(0, 1), (1, 2)]
+    assert device.spans(2, 16) == [(0, 1), (1, 2)]
+    assert device.spans(7, 2) == [(0, 3), (3, 7)]
+    assert device.spans(5, 1) == [(0, 5)]
