@@ -59,6 +59,7 @@ class Engine:
         self.name, self.model, self.config = name, model, config
         self.load_s, self.prefill_step = load_s, prefill_step
         self.peak_working = 0  # bytes above the resident state, the most any run needed
+        self.kv_itemsize = 0  # bytes per cached key/value element, seen after a tg run
 
     def new_cache(self) -> list:
         raise NotImplementedError
