@@ -95,7 +95,8 @@ def build_model(config: ModelConfig, shapes: dict[str, tuple[int, ...]] | None =
     return model
 
 
-def _check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Names and shapes (from the headers) against `model`: a mismatch fails before any loading."""
     expected = {name: tuple(a.shape) for name, a in tree_flatten(model.parameters())}
     for name, shape in expected.items():
         if name not in shapes:
@@ -122,7 +123,7 @@ def load_model(folder: Path, dtype: mx.Dtype | None = None, progress: bool = Tru
     ckpt = Checkpoint(folder)
     shapes = ckpt.mlx_shapes(config)
     model = build_model(config, shapes)
-    _check_tensors(model, ckpt, shapes)
+    check_tensors(model, ckpt, shapes)
     pieces = ckpt.iter_weights(config)
     with progress_bar("Loading", total=config.num_hidden_layers + 1, enabled=progress) as advance:
         for _, weights in pieces:
