@@ -35,23 +35,25 @@ def _precision_text(bits: int | None) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The converter's flags, for `python -m convert` and the `mlx-mixtral convert` subcommand."""
     bits = "|".join(map(str, SUPPORTED_BITS))
-    parser.add_argument("--hf-path", required=True, help="source: a local model folder or a Hugging Face repo id")
-    parser.add_argument("--mlx-path", required=True, help="destination folder (must not exist, unless --force)")
+    parser.add_argument("--hf-path", required=True, metavar="SRC", help="source: a local model folder or a Hugging Face repo id")
+    parser.add_argument("--mlx-path", required=True, metavar="DST", help="destination folder (must not exist, unless --force)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize (experts and attention at --q-bits)")
-    parser.add_argument("--q-bits", type=int, default=4, help=f"bits per weight: {bits} (default: %(default)s)")
-    parser.add_argument("--q-group-size", type=int, default=64,
+    parser.add_argument("--q-bits", type=int, default=4, metavar="BITS", help=f"bits per weight: {bits} (default: %(default)s)")
+    parser.add_argument("--q-group-size", type=int, default=64, metavar="N",
                         help=f"weights per scale/bias: {'|'.join(map(str, SUPPORTED_GROUP_SIZES))} (default: %(default)s)")
-    parser.add_argument("--dtype", default=None,
+    parser.add_argument("--dtype", default=None, metavar="DTYPE",
                         help=f"{'|'.join(DTYPES)}: float weights and quantization scales (default: the source's)")
-    parser.add_argument("--router-bits", default=None,
+    parser.add_argument("--router-bits", default=None, metavar="BITS",
                         help=f"with -q: router gate precision, 8|float (default: {_precision_text(DEFAULT_ROUTER_BITS)})")
-    parser.add_argument("--embed-bits", default=None,
+    parser.add_argument("--embed-bits", default=None, metavar="BITS",
                         help=f"with -q: embedding precision, {bits}|float (default: {_precision_text(DEFAULT_EMBED_BITS)})")
-    parser.add_argument("--lm-head-bits", default=None,
+    parser.add_argument("--lm-head-bits", default=None, metavar="BITS",
                         help=f"with -q: lm_head precision, {bits}|float (default: {_precision_text(DEFAULT_LM_HEAD_BITS)})")
     parser.add_argument("--dequantize", action="store_true", help="turn a quantized MLX folder back into float")
     parser.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB or 500MB (default: %(default)s)")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest output file, e.g. 5GB or 500MB; peak memory is about this plus 1-2 GB "
+                        "(default: %(default)s)")
 
 
 def parse_size(text: str) -> int:
