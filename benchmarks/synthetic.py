@@ -137,7 +137,7 @@ def fill_random(model: Mixtral, seed: int = 0) -> Mixtral:
 
     def randomize(module: nn.Module) -> None:
         def fill(path: str, a: mx.array) -> mx.array:
-            if path.endswith("norm.weight"):
+            if isinstance(module, nn.RMSNorm) or path.endswith("norm.weight"):
                 return mx.random.uniform(0.5, 1.5, a.shape).astype(a.dtype)
             if path.endswith(".biases"):
                 return mx.zeros(a.shape, a.dtype)  # set with the scales below

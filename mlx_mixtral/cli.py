@@ -10,8 +10,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .errors import MixtralError
+
+if TYPE_CHECKING:  # the module itself imports lazily, so `--help` starts fast
+    from .sampling import SamplingParams
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, temp: float = 0.0) -> None:
@@ -25,12 +29,16 @@ def add_sampling_args(parser: argparse.ArgumentParser, temp: float = 0.0) -> Non
     parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
 
 
-def sampling_from_args(args: argparse.Namespace):
-    from .sampling import SamplingParams
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """Validated sampling parameters, so a bad flag fails before a multi-GB load."""
+    from .sampling import SamplingParams, check_max_tokens, check_seed
 
     params = SamplingParams(temp=args.temp, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     params.validate()
+    if args.seed is not None:
+        check_seed(args.seed)
+    check_max_tokens(args.max_tokens)
     return params
 
 
@@ -127,11 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-mixtral", description="Mixtral on your Mac with MLX.")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
-    for add in (_chat_parser, _convert_parser):
-        try:
-            add(sub)
-        except ImportError:  # a front door not installed in this build
-            pass
+    _chat_parser(sub)
+    _convert_parser(sub)
     args = parser.parse_args(argv)
     return run_main(lambda: args.func(args))
 

@@ -24,7 +24,7 @@ import mlx.core as mx
 from .cache import make_cache
 from .errors import MixtralError
 from .generate import GenerationResponse, stream_generate
-from .sampling import SamplingParams
+from .sampling import SamplingParams, check_max_tokens, check_seed
 from .tokenizer import Tokenizer
 
 
@@ -185,10 +185,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.sampling.validate()
-        if self.max_tokens < 1:
-            raise MixtralError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise MixtralError(f"seed must be from 0 to 2**64 - 1, got {self.seed}")
+        check_max_tokens(self.max_tokens)
+        if self.seed is not None:
+            check_seed(self.seed)
 
     def items(self) -> list[tuple[str, object]]:
         """(name, value) of every setting, in `/set` order."""

@@ -20,7 +20,7 @@ import mlx.core as mx
 from .cache import make_cache
 from .device import wired_limit
 from .errors import MixtralError
-from .sampling import REPETITION_WINDOW, SamplingParams, apply_repetition_penalty, make_sampler
+from .sampling import REPETITION_WINDOW, SamplingParams, apply_repetition_penalty, check_max_tokens, check_seed, make_sampler
 from .tokenizer import Tokenizer
 
 PREFILL_STEP = 512  # tokens per prefill chunk: bounds the attention scores' memory on long prompts
@@ -81,12 +81,11 @@ def stream_generate(
     sampling = sampling or SamplingParams()
     sampler = make_sampler(sampling)
     if seed is not None:
-        mx.random.seed(seed)
+        mx.random.seed(check_seed(seed))
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise MixtralError("the prompt is empty: give at least one token")
-    if max_tokens < 1:
-        raise MixtralError(f"max tokens must be at least 1, got {max_tokens}")
+    check_max_tokens(max_tokens)
     if cache is None:
         cache = make_cache(model)
     limit = model.config.max_position_embeddings

@@ -26,7 +26,7 @@ from .tokenizer import Tokenizer
 
 # What a model needs from a hub repo; never the original `consolidated.*.pt` or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "generation_config.json"]
 
 

@@ -41,6 +41,19 @@ class SamplingParams:
                 raise MixtralError(message)
 
 
+def check_seed(seed: int) -> int:
+    """MLX seeds are unsigned 64-bit; anything else would surface as a TypeError deep inside."""
+    if not 0 <= seed < 2**64:
+        raise MixtralError(f"seed must be from 0 to 2**64 - 1, got {seed}")
+    return seed
+
+
+def check_max_tokens(max_tokens: int) -> int:
+    if max_tokens < 1:
+        raise MixtralError(f"max_tokens must be at least 1, got {max_tokens}")
+    return max_tokens
+
+
 def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
     """`logits [B, V] -> tokens [B]` for these parameters."""
     params.validate()

@@ -58,6 +58,8 @@ def test_sampling_flags_and_seed_repeat(model_path):
 @pytest.mark.parametrize("args,needle", [
     (["--model", "/nonexistent/model", "-p", "hi"], "no such folder"),
     (["--model", "{model}", "-p", "hi", "--temp", "-1"], "temperature"),
+    (["--model", "/nonexistent/model", "-p", "hi", "--seed", "-1"], "seed"),
+    (["--model", "/nonexistent/model", "-p", "hi", "--max-tokens", "0"], "max_tokens"),
     (["--model", "{model}", "-p", "hi " * 600], "does not fit the context"),
 ])
 def test_errors_are_one_line(model_path, args, needle):

@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import PROBE_TOKENS
+from mlx.utils import tree_flatten
 
 import mlx_mixtral
 from mlx_mixtral import MixtralError
@@ -55,15 +56,22 @@ def test_loads_what_mlx_lm_convert_writes(quantize, hf_checkpoint_factory, mlx_l
     assert np.abs(ours - ref).max() < 1e-4
 
 
-def test_loads_mlx_lm_bfloat16_scales_as_float32_on_cpu(hf_checkpoint_factory, mlx_lm_converted, mlx_lm_reference):
+def test_loads_mlx_lm_bfloat16_scales_as_float32_on_cpu(hf_checkpoint_factory, mlx_lm_converted):
     """mlx-lm's default keeps bf16 scales; we widen them (same numbers, far faster on the CPU)."""
     path = mlx_lm_converted(hf_checkpoint_factory("gqa"), quantize=True, bits=8, group_size=32, dtype="bfloat16")
     model, _ = mlx_mixtral.load(path, progress=False)
     switch = model.layers[0].block_sparse_moe.switch_mlp.gate_proj
     assert switch.bits == 8 and switch.scales.dtype == mx.float32
-    ours = np.array(model(mx.array([PROBE_TOKENS])).astype(mx.float32))
-    ref = mlx_lm_reference.logits(path, [PROBE_TOKENS])
-    assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
+    ours = np.array(model(mx.array([PROBE_TOKENS])))
+    # mlx-lm computes in bfloat16, whose rounding alone moves these random logits by a lot; the
+    # claim is "same weights, wider arithmetic", so compare with mlx-lm's model widened the same way.
+    from mlx_lm import load as mlx_lm_load  # a fresh copy: the fixture's cached model stays bf16
+
+    ref_model, _ = mlx_lm_load(str(path))
+    widened = [(k, v.astype(mx.float32)) for k, v in tree_flatten(ref_model.parameters()) if v.dtype == mx.bfloat16]
+    ref_model.load_weights(widened, strict=False)
+    ref = np.array(ref_model(mx.array([PROBE_TOKENS])))
+    assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
 
 
 def test_not_a_mixtral_config(broken):
