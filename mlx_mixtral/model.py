@@ -21,6 +21,42 @@ from .config import ModelConfig
 from .device import in_parallel, parallel_ways, spans
 
 
+def _split_rows(matmul, rows: int) -> mx.array:
+    """`matmul(a, b)` gives output features `a:b`; run it in parts side by side (CPU only)."""
+    return in_parallel([lambda a=a, b=b: matmul(a, b) for a, b in spans(rows, parallel_ways())], axis=-1)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (bias-free here) whose output features are computed in parallel parts on a
+    multi-core CPU, each part a contiguous row block of the weight (a view, no copy); the results
+    are bitwise those of one call. On a GPU it is `nn.Linear`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if parallel_ways() == 1 or "bias" in self:
+            return super().__call__(x)
+        w = self["weight"]
+        return _split_rows(lambda a, b: x @ w[a:b].T, w.shape[0])
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False) -> nn.Module:
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear` split by output features like `Linear` (packed weight, scales and
+    biases are all row-major in the output feature, so a row block of each is one part)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if parallel_ways() == 1 or "bias" in self:
+            return super().__call__(x)
+        w, scales, biases = self["weight"], self["scales"], self.get("biases")
+        return _split_rows(lambda a, b: mx.quantized_matmul(
+            x, w[a:b], scales[a:b], None if biases is None else biases[a:b], transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode), w.shape[0])
+
+
 class Attention(nn.Module):
     """Multi-head attention with `num_key_value_heads` shared key/value heads (GQA) and RoPE."""
 
@@ -31,10 +67,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=False)
         # Hugging Face layout: rotate the two halves of each head (not interleaved pairs).
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=config.rope_theta)
 
@@ -197,7 +233,7 @@ class Mixtral(nn.Module):
         self.config = config
         self.model = MixtralModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[Any] | None = None, last_only: bool = False) -> mx.array:
         """`last_only=True` computes logits for the final position only (prefill needs no more)."""
