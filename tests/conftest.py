@@ -585,6 +585,14 @@ def tokenizer_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tokenizer_model_path: Path):
+    """Our tokenizer on the real Mixtral tokenizer.model."""
+    from mlx_mixtral.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_model_path)
+
+
+@pytest.fixture(scope="session")
 def tiny_configs() -> dict[str, dict[str, Any]]:
     return TINY_CONFIGS
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import mistral_common
 import pydantic
 import pytest
 from mistral_common.exceptions import MistralCommonException
@@ -20,16 +19,6 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mlx_mixtral.chat_format import encode_chat
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="session")
-def tokenizer_model_path() -> Path:
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_model_path: Path) -> Tokenizer:
-    return Tokenizer(tokenizer_model_path)
 
 
 @pytest.fixture(scope="module")

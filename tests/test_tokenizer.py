@@ -11,7 +11,6 @@ import random
 import shutil
 from pathlib import Path
 
-import mistral_common
 import pytest
 import sentencepiece as spm
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -37,16 +36,6 @@ TEXTS = [
 
 BYTE_FIRST, BYTE_LAST = 3, 258  # <0x00> .. <0xFF>
 SPACE_PIECE = 28705  # "▁"
-
-
-@pytest.fixture(scope="session")
-def tokenizer_model_path() -> Path:
-    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_model_path: Path) -> Tokenizer:
-    return Tokenizer(tokenizer_model_path)
 
 
 @pytest.fixture(scope="module")
