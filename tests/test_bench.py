@@ -132,6 +132,24 @@ def test_experts_split_over_cpu_streams_match_one_part_exactly(length, monkeypat
     assert mx.array_equal(split, whole)
 
 
+@pytest.mark.parametrize("bits", [None, 4, 8])
+@pytest.mark.parametrize("ways", [2, 3])
+def test_linear_layers_split_over_cpu_streams_match_one_part_exactly(bits, ways, monkeypatch):
+    from mlx_mixtral import model as model_module
+
+    layer = model_module.Linear(64, 100, bias=False)  # 100 rows: parts of unequal size for 3 ways
+    if bits:
+        layer = layer.to_quantized(group_size=32, bits=bits)
+        assert isinstance(layer, model_module.QuantizedLinear)
+    x = mx.random.normal((2, 5, 64), key=mx.random.key(3))
+    monkeypatch.setattr(model_module, "parallel_ways", lambda: ways)
+    split = layer(x)
+    monkeypatch.setattr(model_module, "parallel_ways", lambda: 1)
+    whole = layer(x)
+    assert split.shape == whole.shape == (2, 5, 100)
+    assert mx.array_equal(split, whole)
+
+
 def test_spans_cover_the_range_in_nearly_equal_parts():
     assert device.spans(2, 2) == [(0, 1), (1, 2)]
     assert device.spans(2, 16) == [(0, 1), (1, 2)]
