@@ -50,6 +50,7 @@ OURS = "mlx-mixtral"
 MLX_LM = "mlx-lm"
 DENSE = "dense"
 SCALE_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DEFAULT_DEPTHS = (0, 4096)  # tg with an empty context, and with a filled one (llama-bench -d)
 
 
 class Engine:
@@ -287,7 +288,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(bfloat16 is mlx_lm convert's default)")
     p.add_argument("--pp", type=int, nargs="*", default=[128, 512, 2048], help="prompt sizes")
     p.add_argument("--tg", type=int, default=128, help="tokens generated per tg run")
-    p.add_argument("--depth", type=int, nargs="+", default=[0], help="context depths for tg")
+    p.add_argument("--depth", type=int, nargs="+", default=None,
+                   help="context depths for tg: tokens already in the KV cache (default: 0 and 4096, "
+                        "those the model's context holds)")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--prefill-step", type=int, default=512, help="prefill chunk, the same for all engines")
     p.add_argument("--compare", choices=[MLX_LM], help="also run this peer on the same model")
@@ -296,6 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write every sample and summary here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.depth_given = args.depth is not None
+    args.depth = args.depth if args.depth_given else list(DEFAULT_DEPTHS)
     if args.trials < 1 or args.tg < 1 or any(n < 1 for n in args.pp) or any(d < 0 for d in args.depth):
         p.error("--trials, --tg and --pp must be positive, --depth non-negative")
     return args
@@ -385,11 +390,27 @@ def report(result: dict[str, Any]) -> None:
     console.print(rf)
 
 
+def check_context(args: argparse.Namespace, limit: int, log: Callable[[str], None]) -> None:
+    """Refuse sizes the model's context cannot hold, before any trial runs (default depths that
+    do not fit are only dropped: a small model's context may be shorter than 4096)."""
+    if not args.depth_given:
+        fits = [d for d in args.depth if d + args.tg + 1 <= limit]
+        for d in sorted(set(args.depth) - set(fits)):
+            log(f"skipping tg{args.tg}@d{d}: beyond the model's context of {limit} tokens")
+        args.depth = fits
+    too_long = [f"--pp {n}" for n in args.pp if n + 1 > limit]
+    too_long += [f"--depth {d} with --tg {args.tg}" for d in args.depth if d + args.tg + 1 > limit]
+    if too_long:
+        raise MixtralError(f"{', '.join(too_long)} does not fit the model's context of {limit} tokens; "
+                           "choose smaller sizes")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         engines = load_engines(args, log)
+        check_context(args, engines[0].config.max_position_embeddings, log)
         figures = measure(engines, args.pp, args.tg, args.depth, args.trials, args.seed, log)
     except MixtralError as e:
         print(f"error: {e}", file=sys.stderr)

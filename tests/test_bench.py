@@ -91,6 +91,24 @@ def test_bench_refuses_a_model_that_cannot_fit(tmp_path):
     assert len(lines) == 1 and "needs about" in lines[0] and "GB but this machine offers" in lines[0]
 
 
+def test_bench_refuses_sizes_beyond_the_context(tmp_path):
+    proc = _bench("--synthetic", "tiny", "--trials", "1", "--pp", "8", "--tg", "8", "--depth", "0", "40000",
+                  tmp_path=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: --depth 40000 with --tg 8 does not fit the model's context of 4096 tokens; choose smaller sizes"
+
+
+def test_default_depths_beyond_the_context_are_skipped(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _bench("--synthetic", "tiny", "--trials", "1", "--pp", "8", "--tg", "8", "--json", str(out),
+                  tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipping tg8@d4096: beyond the model's context of 4096 tokens" in proc.stderr
+    tests = {f["test"] for f in json.loads(out.read_text())["figures"]}
+    assert "tg8@d0" in tests and "tg8@d4096" not in tests
+
+
 def test_wired_limit_is_a_no_op_without_metal(monkeypatch):
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
 
