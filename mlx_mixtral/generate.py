@@ -20,7 +20,8 @@ import mlx.core as mx
 from .cache import make_cache
 from .device import wired_limit
 from .errors import MixtralError
-from .sampling import REPETITION_WINDOW, SamplingParams, apply_repetition_penalty, check_max_tokens, check_seed, make_sampler
+from .sampling import (REPETITION_WINDOW, SamplingParams, apply_repetition_penalty, check_max_tokens,
+                       check_seed, make_sampler)
 from .tokenizer import Tokenizer
 
 PREFILL_STEP = 512  # tokens per prefill chunk: bounds the attention scores' memory on long prompts

@@ -21,40 +21,38 @@ from .config import ModelConfig
 from .device import in_parallel, parallel_ways, spans
 
 
-def _split_rows(matmul, rows: int) -> mx.array:
-    """`matmul(a, b)` gives output features `a:b`; run it in parts side by side (CPU only)."""
-    return in_parallel([lambda a=a, b=b: matmul(a, b) for a, b in spans(rows, parallel_ways())], axis=-1)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (bias-free here) whose output features are computed in parallel parts on a
-    multi-core CPU, each part a contiguous row block of the weight (a view, no copy); the results
-    are bitwise those of one call. On a GPU it is `nn.Linear`."""
+class _RowParallel:
+    """Mixed into MLX's linear layers: on a multi-core CPU the output features are computed in
+    parallel parts (see device.in_parallel), each from a contiguous row block of the weight (and
+    of the scales and biases: all are row-major in the output feature), a view, not a copy. The
+    results are bitwise those of one call. On a GPU the layer runs as MLX's own."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if parallel_ways() == 1 or "bias" in self:
+        ways = parallel_ways()
+        if ways == 1 or "bias" in self:  # our projections are bias-free
             return super().__call__(x)
-        w = self["weight"]
-        return _split_rows(lambda a, b: x @ w[a:b].T, w.shape[0])
+        return in_parallel([lambda a=a, b=b: self._rows(x, a, b)
+                            for a, b in spans(self["weight"].shape[0], ways)], axis=-1)
+
+
+class Linear(_RowParallel, nn.Linear):
+    def _rows(self, x: mx.array, a: int, b: int) -> mx.array:
+        return x @ self["weight"][a:b].T
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
                      quantize_input: bool = False) -> nn.Module:
+        """Called by `nn.quantize`: our `QuantizedLinear`, so the split survives quantization."""
         if quantize_input:
             return super().to_quantized(group_size, bits, mode, quantize_input)
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
-class QuantizedLinear(nn.QuantizedLinear):
-    """`nn.QuantizedLinear` split by output features like `Linear` (packed weight, scales and
-    biases are all row-major in the output feature, so a row block of each is one part)."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if parallel_ways() == 1 or "bias" in self:
-            return super().__call__(x)
-        w, scales, biases = self["weight"], self["scales"], self.get("biases")
-        return _split_rows(lambda a, b: mx.quantized_matmul(
-            x, w[a:b], scales[a:b], None if biases is None else biases[a:b], transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode), w.shape[0])
+class QuantizedLinear(_RowParallel, nn.QuantizedLinear):
+    def _rows(self, x: mx.array, a: int, b: int) -> mx.array:
+        biases = self.get("biases")
+        return mx.quantized_matmul(
+            x, self["weight"][a:b], self["scales"][a:b], None if biases is None else biases[a:b],
+            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
 
 
 class Attention(nn.Module):
