@@ -324,6 +324,7 @@ class ChatSession:
             with closing(stream_generate(
                 self.model, self.tokenizer, fed, max_tokens=self.settings.max_tokens,
                 sampling=self.settings.sampling, cache=self.cache.cache, max_context=self.limit,
+                history=self.cache.ids,
             )) as responses:
                 for response in responses:
                     generated.append(response.token)

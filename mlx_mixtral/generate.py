@@ -74,10 +74,13 @@ def stream_generate(
     max_context: int | None = None,
     stop_on_eos: bool = True,
     prefill_step: int = PREFILL_STEP,
+    history: Sequence[int] = (),
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, encoded with BOS; or token ids, used as given).
 
-    `max_context` caps the context below the model's `max_position_embeddings`.
+    `max_context` caps the context below the model's `max_position_embeddings`. `history`: the
+    ids `cache` already holds, if known; only the repetition penalty reads them, so that its
+    window covers the context before this call too (a chat turn feeds only its new tokens).
     """
     sampling = sampling or SamplingParams()
     sampler = make_sampler(sampling)
@@ -100,7 +103,7 @@ def stream_generate(
             f"{limit} tokens with room to answer; shorten it"
         )
     max_tokens = min(max_tokens, limit - cached - len(tokens))
-    recent = mx.array(tokens[-REPETITION_WINDOW:])
+    recent = mx.array([*history[-REPETITION_WINDOW:], *tokens][-REPETITION_WINDOW:])
 
     def next_token(logits: mx.array) -> mx.array:
         nonlocal recent

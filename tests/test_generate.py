@@ -54,6 +54,22 @@ def test_bad_sampling_values(bad):
         make_sampler(SamplingParams(**bad))
 
 
+def test_repetition_penalty_window_covers_the_history_before_the_prompt(tiny):
+    """A chat turn feeds only its new tokens; what the cache held before still counts as recent."""
+    model, tokenizer = tiny
+    prompt = PROBE_TOKENS[-3:]
+
+    def first(**kwargs) -> int:
+        return next(mlx_mixtral.stream_generate(model, tokenizer, prompt, max_tokens=1, **kwargs)).token
+
+    greedy = first()
+    assert greedy not in prompt
+    penalised = SamplingParams(repetition_penalty=50.0)
+    assert first(sampling=penalised) == greedy  # not recent: untouched
+    assert first(sampling=penalised, history=[greedy]) != greedy
+    assert first(sampling=penalised, history=[greedy] + [7] * 64) == greedy  # out of the window
+
+
 def test_stop_strings_are_held_back_until_decided():
     assert _stop_split("hello wor", ["world"]) == ("hello ", "wor", False)
     assert _stop_split("hello world and", ["world"]) == ("hello ", "", True)
