@@ -26,6 +26,8 @@ from .errors import MixtralError
 INDEX_FILE = "model.safetensors.index.json"
 _HF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _PARTS = ("weight", "scales", "biases")
+# Buffers some checkpoints carry that are not weights (RoPE frequencies, recomputed from rope_theta).
+_BUFFERS = ("rotary_emb.inv_freq",)
 
 
 def read_header(path: Path) -> dict:
@@ -81,7 +83,7 @@ class Checkpoint:
         self.folder = Path(folder)
         self.files = safetensors_files(self.folder)
         self.headers = {f: read_header(f) for f in self.files}
-        self._where = {name: f for f, h in self.headers.items() for name in h}
+        self._where = {name: f for f, h in self.headers.items() for name in h if not name.endswith(_BUFFERS)}
         # name -> file, kept after `take` so errors can still name the file a tensor came from
         self.origin: dict[str, Path] = dict(self._where)
         self._loaded: dict[Path, dict[str, mx.array]] = {}
@@ -117,7 +119,7 @@ class Checkpoint:
         """Name -> shape in MLX layout, from the headers alone (nothing is loaded)."""
         shapes: dict[str, tuple[int, ...]] = {}
         for name in self._where:
-            if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+            if config.tie_word_embeddings and name == "lm_head.weight":
                 continue
             head, sep, tail = name.partition(".block_sparse_moe.experts.")
             if not sep:
@@ -137,7 +139,7 @@ class Checkpoint:
         out: dict[str, mx.array] = {}
         experts = f"{prefix}block_sparse_moe.experts."
         for name in names:
-            if not name.startswith(experts) and not name.endswith("rotary_emb.inv_freq"):
+            if not name.startswith(experts):
                 out[name] = self.take(name)
         for hf, mlx in _HF_EXPERT.items():
             for part in _PARTS:

@@ -74,6 +74,20 @@ def test_loads_mlx_lm_bfloat16_scales_as_float32_on_cpu(hf_checkpoint_factory, m
     assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+def test_rope_buffers_in_the_checkpoint_are_ignored(broken, hf_checkpoint_factory):
+    """Some checkpoints carry `rotary_emb.inv_freq` buffers (older transformers saved them)."""
+    folder = broken(1)
+    file = folder / "model.safetensors"
+    tensors = mx.load(str(file))
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = mx.ones(8)
+    mx.save_safetensors(str(file), tensors, metadata={"format": "pt"})
+    model, _ = mlx_mixtral.load(folder, progress=False)
+    clean, _ = mlx_mixtral.load(hf_checkpoint_factory("gqa", shards=1), progress=False)
+    tokens = mx.array([PROBE_TOKENS])
+    assert mx.array_equal(model(tokens), clean(tokens))
+
+
 def test_not_a_mixtral_config(broken):
     folder = broken(1)
     _edit_config(folder, model_type="llama")
