@@ -46,7 +46,15 @@ def parallel_ways() -> int:
     on separate cores: one part per core. A GPU already spreads every kernel over all its cores:
     one part.
     """
-    return (os.cpu_count() or 1) if mx.default_device() == mx.cpu else 1
+    return _usable_cores() if mx.default_device() == mx.cpu else 1
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a container or `taskset` may allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
 
 
 @lru_cache(maxsize=None)
