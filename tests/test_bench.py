@@ -168,6 +168,11 @@ def test_linear_layers_split_over_cpu_streams_match_one_part_exactly(bits, ways,
     assert mx.array_equal(split, whole)
 
 
+def test_parallel_ways_follow_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert device.parallel_ways() == (3 if mx.default_device() == mx.cpu else 1)
+
+
 def test_spans_cover_the_range_in_nearly_equal_parts():
     assert device.spans(2, 2) == [(0, 1), (1, 2)]
     assert device.spans(2, 16) == [(0, 1), (1, 2)]
