@@ -38,13 +38,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, when run as a script
 
+import disk  # noqa: E402
 import roofline  # noqa: E402
 import synthetic  # noqa: E402
 
 from mlx_mixtral import SamplingParams, make_cache, stream_generate  # noqa: E402
 from mlx_mixtral.config import ModelConfig  # noqa: E402
 from mlx_mixtral.errors import MixtralError  # noqa: E402
-from mlx_mixtral.loading import load_model  # noqa: E402
+from mlx_mixtral.expert_cache import DEFAULT_POLICY, POLICIES  # noqa: E402
+from mlx_mixtral.loading import load_model, would_fit  # noqa: E402
 
 OURS = "mlx-mixtral"
 MLX_LM = "mlx-lm"
@@ -61,6 +63,28 @@ class Engine:
         self.load_s, self.prefill_step = load_s, prefill_step
         self.peak_working = 0  # bytes above the resident state, the most any run needed
         self.kv_itemsize = 0  # bytes per cached key/value element, seen after a tg run
+        self.streaming: dict[str, dict[str, Any]] = {}  # test -> expert cache figures, if streamed
+
+    @property
+    def expert_cache(self):
+        return getattr(self.model, "expert_cache", None)
+
+    def stream_start(self) -> None:
+        if self.expert_cache is not None:
+            self.expert_cache.reset_stats()
+
+    def stream_done(self, test: str, tokens: int) -> None:
+        """Record what the expert cache did over the timed trials of `test` (`tokens` computed)."""
+        cache = self.expert_cache
+        if cache is None:
+            return
+        s = cache.snapshot()
+        self.streaming[test] = {
+            "hit_rate": s.hit_rate, "hits": s.hits, "prefetched": s.prefetched, "misses": s.misses,
+            "requests": s.requests, "prefetch_recall": s.prefetch_recall, "prefetch_issued": s.prefetch_issued,
+            "bytes_read": s.bytes_read, "bytes_read_per_token": s.bytes_read / tokens,
+            "read_gbs": s.bytes_read / s.elapsed_s / 1e9, "wait_s": s.wait_s, "elapsed_s": s.elapsed_s,
+            "tokens": tokens}
 
     def new_cache(self) -> list:
         raise NotImplementedError
@@ -122,9 +146,10 @@ def _timed_load() -> Iterator[list[float]]:
     out.append(time.perf_counter() - t)
 
 
-def load_ours(path: Path, prefill_step: int) -> Engine:
+def load_ours(path: Path, prefill_step: int, streaming: dict[str, Any] | None = None) -> Engine:
+    """`streaming`: load_model's max_memory/policy/prefetch, to stream experts from disk."""
     with _timed_load() as t:
-        model = load_model(path, progress=False)
+        model = load_model(path, progress=False, **(streaming or {}))
     return Ours(OURS, model, model.config, t[0], prefill_step)
 
 
@@ -202,11 +227,15 @@ def measure(engines: list[Engine], pp: list[int], tg: int, depths: list[int], tr
         for trial in range(trials + 1):
             prompt = random_prompt(rng, vocab, size)
             for e in engines:
+                if trial == 1:
+                    e.stream_start()
                 first = _run(e, prompt, 1, e.new_cache())[0]
                 if trial:
                     fig[e.name].samples.append(size / first)
                     if size == pp[0]:
                         ttft[e.name].samples.append(first * 1000)
+        for e in engines:
+            e.stream_done(f"pp{size}", size * trials)
     for depth in depths:
         log(f"tg{tg}@d{depth}")
         fig = new(f"tg{tg}@d{depth}", "tok/s")
@@ -219,11 +248,14 @@ def measure(engines: list[Engine], pp: list[int], tg: int, depths: list[int], tr
             prompt = random_prompt(rng, vocab, 1)
             for e in engines:
                 e.trim(caches[e.name], depth)
+                if trial == 1:
+                    e.stream_start()
                 stamps = _run(e, prompt, tg + 1, caches[e.name])
                 if trial:
                     fig[e.name].samples.append(tg / (stamps[-1] - stamps[0]))
         for e in engines:
             e.kv_itemsize = caches[e.name][0].keys.itemsize
+            e.stream_done(f"tg{tg}@d{depth}", (tg + 1) * trials)
     return figures
 
 
@@ -298,6 +330,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run a dense model with the same active parameters per token")
     p.add_argument("--json", type=Path, help="write every sample and summary here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-memory", default=None, metavar="SIZE|auto",
+                   help="stream experts from disk within this budget (e.g. 10GB); with --synthetic the "
+                        "random model is first written to --synthetic-dir (once; reused after)")
+    p.add_argument("--cache-policy", choices=POLICIES, default=DEFAULT_POLICY,
+                   help="streaming: eviction policy (default: %(default)s)")
+    p.add_argument("--no-prefetch", action="store_true", help="streaming: no speculative reads")
+    p.add_argument("--synthetic-dir", type=Path, default=Path("~/.cache/mlx-mixtral/synthetic").expanduser(),
+                   help="where --synthetic --max-memory keeps its model folders (default: %(default)s)")
     args = p.parse_args(argv)
     args.depth_given = args.depth is not None
     args.depth = args.depth if args.depth_given else list(DEFAULT_DEPTHS)
@@ -328,8 +368,38 @@ def _synthetic_config(args: argparse.Namespace) -> ModelConfig:
     return config
 
 
+def synthetic_folder(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+    """The synthetic shape as files on disk (written once, layer by layer, then reused)."""
+    config = synthetic.shape_config(args.synthetic, args.bits)
+    folder = args.synthetic_dir / f"{args.synthetic}-{args.bits}bit-seed{args.seed}"
+    if (folder / "config.json").exists():
+        return folder
+    log(f"writing synthetic {args.synthetic} ({args.bits} bits) to {folder} (once)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return synthetic.write_folder(config, folder, seed=args.seed,
+                                  progress=lambda n, total: log(f"  shard {n}/{total}"))
+
+
+def load_streamed(args: argparse.Namespace, log: Callable[[str], None]) -> list[Engine]:
+    path = synthetic_folder(args, log) if args.synthetic else args.model
+    if args.compare:
+        fits, why = would_fit(path)
+        if not fits:
+            raise MixtralError(f"--compare {args.compare}: {why}, so the peer cannot hold it; "
+                               "benchmarks/streaming.py runs it apart and reports how it fails")
+    log(f"loading {path}, experts streamed within --max-memory {args.max_memory} ({args.cache_policy})")
+    ours = load_ours(path, args.prefill_step, {"max_memory": args.max_memory, "policy": args.cache_policy,
+                                               "prefetch": not args.no_prefetch})
+    engines = [ours]
+    if args.compare:
+        engines.append(load_mlx_lm(path, args.prefill_step))
+    return engines
+
+
 def load_engines(args: argparse.Namespace, log: Callable[[str], None]) -> list[Engine]:
     step = args.prefill_step
+    if args.max_memory is not None:
+        return load_streamed(args, log)
     with tempfile.TemporaryDirectory(prefix="mlx-mixtral-bench-") as tmp:
         if args.synthetic:
             config = _synthetic_config(args)
@@ -388,6 +458,20 @@ def report(result: dict[str, Any]) -> None:
         rf.add_row(r["engine"], r["test"], f"{r['bytes_per_token'] / 1e9:.4g}", f"{r['achieved_gbs']:.2f}",
                    f"{100 * r['fraction_of_reference']:.1f}% of {r['reference_gbs']:.1f} GB/s ({r['reference']})")
     console.print(rf)
+    st = result.get("streaming")
+    if st:
+        held = "n/a" if st["page_cache_gb"] is None else f"{st['page_cache_gb']:.2f} GB"
+        title = (f"expert streaming: budget {st['budget_gb']:.2f} GB, {st['cached_experts']}/{st['total_experts']} "
+                 f"experts cached ({st['policy']}, prefetch {'on' if st['prefetch'] else 'off'}); disk "
+                 f"{st['disk_gbs']:.2f} GB/s measured; peak RSS {result['peak_rss_gb']:.2f} GB; page cache {held}")
+        stt = Table(title=title)
+        for col in ("test", "hit rate", "prefetch recall", "GB read/token", "read GB/s", "% of disk"):
+            stt.add_column(col)
+        for test, t in st["tests"].items():
+            stt.add_row(test, f"{100 * t['hit_rate']:.1f}%", f"{100 * t['prefetch_recall']:.1f}%",
+                        f"{t['bytes_read_per_token'] / 1e9:.3f}", f"{t['read_gbs']:.2f}",
+                        f"{100 * t['read_gbs'] / st['disk_gbs']:.0f}%")
+        console.print(stt)
 
 
 def check_context(args: argparse.Namespace, limit: int, log: Callable[[str], None]) -> None:
@@ -429,7 +513,19 @@ def main(argv: list[str] | None = None) -> int:
         "figures": [f.summary() for f in figures],
         "ratios": all_ratios,
         "roofline": roofline_rows(engines, figures, args.tg, roofline.reference_bandwidth()),
+        "peak_rss_gb": disk.peak_rss() / 1e9,
     }
+    streamed = engines[0].expert_cache
+    if streamed is not None:
+        files = streamed.store.files
+        held = disk.page_cache(files)
+        result["streaming"] = {
+            "budget_gb": streamed.plan.budget / 1e9, "resident_gb": streamed.plan.resident / 1e9,
+            "expert_mb": streamed.plan.expert_bytes / 1e6, "cached_experts": streamed.plan.cached_experts,
+            "total_experts": streamed.plan.total_experts, "policy": streamed.policy,
+            "prefetch": streamed.prefetch_enabled, "page_cache_gb": None if held is None else held / 1e9,
+            "model_files_gb": sum(f.stat().st_size for f in files) / 1e9,
+            "disk_gbs": disk.read_bandwidth(files) / 1e9, "tests": engines[0].streaming}
     report(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

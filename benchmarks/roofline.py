@@ -28,6 +28,7 @@ import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_mixtral.budget import kv_cache_bytes  # noqa: F401 (part of this module's interface)
 from mlx_mixtral.config import ModelConfig
 
 # Unified-memory bandwidth in GB/s (Apple's published figures), for the chip name in
@@ -50,13 +51,13 @@ def parameter_count_per_token(model: nn.Module, config: ModelConfig) -> float:
 
 
 def weight_bytes_per_token(model: nn.Module, config: ModelConfig) -> float:
-    """Bytes of weights one token reads, at their stored dtypes (see the module docstring)."""
-    return _per_token(model, config, lambda path, a: a.nbytes)
-
-
-def kv_cache_bytes(config: ModelConfig, positions: int, itemsize: int) -> int:
-    """Keys and values of every layer for `positions` positions: what a token at that depth reads."""
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * itemsize * positions
+    """Bytes of weights one token reads, at their stored dtypes (see the module docstring); a
+    streamed model's experts count as k cached experts per layer."""
+    total = _per_token(model, config, lambda path, a: a.nbytes)
+    cache = getattr(model, "expert_cache", None)
+    if cache is not None:
+        total += config.num_hidden_layers * config.num_experts_per_tok * cache.expert_bytes
+    return total
 
 
 def _per_token(model: nn.Module, c: ModelConfig, size) -> float:

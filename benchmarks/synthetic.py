@@ -24,10 +24,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_mixtral.budget import machine_memory
 from mlx_mixtral.config import ModelConfig
-from mlx_mixtral.device import in_parallel, parallel_ways, spans
+from mlx_mixtral.device import compute_dtype, in_parallel, parallel_ways, spans
 from mlx_mixtral.errors import MixtralError
-from mlx_mixtral.loading import build_model, compute_dtype
+from mlx_mixtral.loading import build_model
 from mlx_mixtral.model import Mixtral
 
 _BASE = dict(rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, num_local_experts=8,
@@ -129,64 +130,88 @@ def nbytes(model: nn.Module) -> int:
     return sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
 
+def _randomize(module: nn.Module, config: ModelConfig) -> None:
+    """Random values for one module's placeholders (see the module docstring for how)."""
+    bits = (config.quantization or {}).get("bits")
+
+    def fill(path: str, a: mx.array) -> mx.array:
+        if isinstance(module, nn.RMSNorm) or path.endswith("norm.weight"):
+            return mx.random.uniform(0.5, 1.5, a.shape).astype(a.dtype)
+        if path.endswith((".biases", ".scales")):
+            return mx.zeros(a.shape, a.dtype)  # set together below
+        if a.dtype == mx.uint32:
+            return mx.random.randint(-(2**31), 2**31 - 1, a.shape, dtype=mx.int32).view(mx.uint32)
+        fan_in = a.shape[-1]
+        return (mx.random.normal(a.shape) * fan_in**-0.5).astype(a.dtype)
+
+    params = dict(tree_flatten(module.parameters()))
+    new = {p: fill(p, a) for p, a in params.items()}
+    for p in params:
+        if p.endswith(".scales"):
+            # codes are uniform on [0, 2^bits): centre them and give the weights std ~ fan_in^-0.5
+            fan_in = params[p].shape[-1] * config.quantization["group_size"]
+            step = fan_in**-0.5 * (12 / (4**bits - 1)) ** 0.5
+            new[p] = mx.full(params[p].shape, step, params[p].dtype)
+            bias_path = p[: -len("scales")] + "biases"
+            new[bias_path] = mx.full(params[p].shape, -step * (2**bits - 1) / 2, params[p].dtype)
+    module.update(tree_unflatten(list(new.items())))
+    mx.eval(module.parameters())
+
+
+def _top_modules(model: Mixtral) -> list[tuple[str, nn.Module]]:
+    """(path prefix, module) of every piece `fill_random` fills: the layers, then the rest."""
+    out = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    out += [(f"model.{name}", getattr(model.model, name)) for name in ("embed_tokens", "norm")]
+    if not model.config.tie_word_embeddings:
+        out.append(("lm_head", model.lm_head))
+    return out
+
+
 def fill_random(model: Mixtral, seed: int = 0) -> Mixtral:
     """Replace every placeholder by random values, one layer at a time (peak ~ model size)."""
     mx.random.seed(seed)
-    config = model.config
-    bits = (config.quantization or {}).get("bits")
-
-    def randomize(module: nn.Module) -> None:
-        def fill(path: str, a: mx.array) -> mx.array:
-            if isinstance(module, nn.RMSNorm) or path.endswith("norm.weight"):
-                return mx.random.uniform(0.5, 1.5, a.shape).astype(a.dtype)
-            if path.endswith(".biases"):
-                return mx.zeros(a.shape, a.dtype)  # set with the scales below
-            if path.endswith(".scales"):
-                return mx.zeros(a.shape, a.dtype)
-            if a.dtype == mx.uint32:
-                return mx.random.randint(-(2**31), 2**31 - 1, a.shape, dtype=mx.int32).view(mx.uint32)
-            fan_in = a.shape[-1]
-            return (mx.random.normal(a.shape) * fan_in**-0.5).astype(a.dtype)
-
-        params = dict(tree_flatten(module.parameters()))
-        new = {p: fill(p, a) for p, a in params.items()}
-        for p in params:
-            if p.endswith(".scales"):
-                # codes are uniform on [0, 2^bits): centre them and give the weights std ~ fan_in^-0.5
-                fan_in = params[p].shape[-1] * config.quantization["group_size"]
-                step = fan_in**-0.5 * (12 / (4**bits - 1)) ** 0.5
-                new[p] = mx.full(params[p].shape, step, params[p].dtype)
-                bias_path = p[: -len("scales")] + "biases"
-                new[bias_path] = mx.full(params[p].shape, -step * (2**bits - 1) / 2, params[p].dtype)
-        module.update(tree_unflatten(list(new.items())))
-        mx.eval(module.parameters())
-
-    for layer in model.layers:
-        randomize(layer)
-    for name in ("embed_tokens", "norm"):
-        randomize(getattr(model.model, name))
-    if not config.tie_word_embeddings:
-        randomize(model.lm_head)
+    for _, module in _top_modules(model):
+        _randomize(module, model.config)
     model.eval()
     return model
 
 
-def available_memory() -> tuple[int, str]:
-    """Bytes a model may use here, and where the figure comes from."""
-    if mx.metal.is_available():
-        return mx.device_info()["max_recommended_working_set_size"], "Metal's recommended working set"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "available RAM"
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical RAM"
+def write_folder(config: ModelConfig, folder: Path, scales_dtype: mx.Dtype = mx.bfloat16, seed: int = 0,
+                 progress=lambda done, total: None) -> Path:
+    """A random model written straight to disk in mlx-lm's layout (one shard per layer, with an
+    index), never whole in memory: for shapes larger than this machine's RAM. Scales default to
+    bfloat16, as `mlx_lm convert` writes them. The folder appears only when complete."""
+    from mlx_mixtral.uncached_io import drop_file_from_page_cache
+
+    model = skeleton(config, mx.float32 if scales_dtype == mx.float32 else mx.bfloat16, scales_dtype)
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(seed)
+    weight_map, total = {}, 0
+    pieces = _top_modules(model)
+    for n, (prefix, module) in enumerate(pieces):
+        _randomize(module, config)
+        shard = f"model-{n + 1:05d}-of-{len(pieces):05d}.safetensors"
+        weights = {f"{prefix}.{p}": a for p, a in tree_flatten(module.parameters())}
+        mx.save_safetensors(str(partial / shard), weights, metadata={"format": "mlx"})
+        total += sum(a.nbytes for a in weights.values())
+        weight_map.update({name: shard for name in weights})
+        fd = os.open(partial / shard, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        drop_file_from_page_cache(partial / shard)  # written, not to be kept in RAM
+        module.update(tree_unflatten([(p, mx.zeros((1,), a.dtype)) for p, a in tree_flatten(module.parameters())]))
+        progress(n + 1, len(pieces))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (partial / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    partial.rename(folder)
+    return folder
 
 
 def check_fits(needed: int, what: str, available: tuple[int, str] | None = None) -> None:
     """Refuse (one line, with the numbers) when `needed` bytes exceed what this machine offers."""
-    have, source = available or available_memory()
+    have, source = available or machine_memory()
     if needed > have:
         raise MixtralError(
             f"{what} needs about {needed / 1e9:.1f} GB but this machine offers {have / 1e9:.1f} GB "

@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from mlx_mixtral.cli import run_main
+from mlx_mixtral.arguments import run_main
 from mlx_mixtral.errors import MixtralError
 
 from .convert import DTYPES, convert

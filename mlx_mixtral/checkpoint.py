@@ -16,6 +16,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,11 +28,16 @@ INDEX_FILE = "model.safetensors.index.json"
 _HF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _PARTS = ("weight", "scales", "biases")
 # Buffers some checkpoints carry that are not weights (RoPE frequencies, recomputed from rope_theta).
-_BUFFERS = ("rotary_emb.inv_freq",)
+BUFFERS = ("rotary_emb.inv_freq",)
 
 
 def read_header(path: Path) -> dict:
     """Parse and sanity-check a safetensors header; a truncated or corrupt file fails here, by name."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(header, byte offset where the tensor data starts: the header's `data_offsets` count from there)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -54,7 +60,7 @@ def read_header(path: Path) -> dict:
         raise MixtralError(
             f"{path}: truncated safetensors file ({size} of {8 + n + end} bytes); download or convert it again"
         )
-    return header
+    return header, 8 + n
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -76,14 +82,27 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+@dataclass(frozen=True)
+class TensorBytes:
+    """One tensor's bytes in a safetensors file: `nbytes` from absolute `offset`, row-major."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: str  # safetensors spelling: "BF16", "F32", "U32", ...
+    shape: tuple[int, ...]
+
+
 class Checkpoint:
     """The tensors of one model folder, validated up front and loaded lazily on demand."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.files = safetensors_files(self.folder)
-        self.headers = {f: read_header(f) for f in self.files}
-        self._where = {name: f for f, h in self.headers.items() for name in h if not name.endswith(_BUFFERS)}
+        read = {f: _read_header(f) for f in self.files}
+        self.headers = {f: header for f, (header, _) in read.items()}
+        self._data_start = {f: start for f, (_, start) in read.items()}
+        self._where = {name: f for f, h in self.headers.items() for name in h if not name.endswith(BUFFERS)}
         # name -> file, kept after `take` so errors can still name the file a tensor came from
         self.origin: dict[str, Path] = dict(self._where)
         self._loaded: dict[Path, dict[str, mx.array]] = {}
@@ -100,6 +119,13 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.headers[self._where[name]][name]["shape"])
+
+    def byte_range(self, name: str) -> TensorBytes:
+        """Where tensor `name` lies in its file (from the header; nothing is read)."""
+        f = self.origin[name]
+        entry = self.headers[f][name]
+        begin, end = entry["data_offsets"]
+        return TensorBytes(f, self._data_start[f] + begin, end - begin, entry["dtype"], tuple(entry["shape"]))
 
     def take(self, name: str) -> mx.array:
         """The tensor, lazily; handed out once so its bytes are freed once consumed."""

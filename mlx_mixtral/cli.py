@@ -1,52 +1,27 @@
 """`mlx-mixtral generate | chat | convert`: the command-line front doors.
 
-Every user-fixable error ends as one line on stderr and a non-zero exit status; set
-MLX_MIXTRAL_DEBUG=1 to see the traceback of an unexpected one.
+Every user-fixable error ends as one line on stderr and a non-zero exit status (`run_main`, in
+`arguments`); set MLX_MIXTRAL_DEBUG=1 to see the traceback of an unexpected one.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
+from .arguments import add_model_args, add_sampling_args, load_from_args, run_main, sampling_from_args
 from .errors import MixtralError
-
-if TYPE_CHECKING:  # the module itself imports lazily, so `--help` starts fast
-    from .sampling import SamplingParams
-
-
-def add_sampling_args(parser: argparse.ArgumentParser, temp: float = 0.0) -> None:
-    """Sampling flags shared by `generate` and `chat`."""
-    parser.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default: %(default)s)")
-    parser.add_argument("--temp", type=float, default=temp, help="sampling temperature; 0 is greedy (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0, off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (default: 0, off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise recent tokens (default: 1.0, off)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    """Validated sampling parameters, so a bad flag fails before a multi-GB load."""
-    from .sampling import SamplingParams, check_max_tokens, check_seed
-
-    params = SamplingParams(temp=args.temp, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p, repetition_penalty=args.repetition_penalty)
-    params.validate()
-    if args.seed is not None:
-        check_seed(args.seed)
-    check_max_tokens(args.max_tokens)
-    return params
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
+    """`--prompt`, or stdin without the one newline that ends what `echo` (or a file) sends, so
+    `echo q | mlx-mixtral generate` and `--prompt q` see the same prompt."""
     if args.prompt is None or args.prompt == "-":
         if sys.stdin.isatty():
             raise MixtralError("no prompt: pass --prompt TEXT, or pipe the prompt into stdin")
-        return sys.stdin.read()
+        text = sys.stdin.read()
+        return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
     return args.prompt
 
 
@@ -55,13 +30,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = sampling_from_args(args)
     prompt = _read_prompt(args)
-    model, tokenizer = mlx_mixtral.load(args.model)
-    if args.raw:
-        tokens = tokenizer.encode(prompt)
-    else:
+
+    def encode(tokenizer) -> list[int]:
+        if args.raw:
+            return tokenizer.encode(prompt)
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
-        tokens = tokenizer.apply_chat_template(messages)
+        return tokenizer.apply_chat_template(messages)
+
+    note = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    model, tokenizer = load_from_args(args, note, context=lambda t: len(encode(t)) + args.max_tokens)
+    tokens = encode(tokenizer)
+    streaming = getattr(model, "expert_cache", None)
+    if streaming is not None:
+        streaming.reset_stats()
+    log = None
+    if args.show_experts:
+        from .routing import log_of
+
+        log = log_of(model)
+        log.reset()
     last = None
     for last in mlx_mixtral.stream_generate(
         model, tokenizer, tokens, max_tokens=args.max_tokens, sampling=sampling,
@@ -77,18 +65,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"peak memory: {last.peak_memory_gb:.2f} GB | finish: {last.finish_reason}",
             file=sys.stderr,
         )
+        if streaming is not None:
+            from .expert_view import streaming_line
+
+            print(streaming_line(model), file=sys.stderr)
+    if log is not None:
+        from rich.console import Console
+
+        from .expert_view import heatmap
+
+        table = heatmap(log_of(model), "experts used over this reply")
+        if table is not None:
+            Console(stderr=True).print(table)
     return 0
 
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer one prompt, streamed to stdout",
                        description="Stream Mixtral's answer to one prompt to stdout.")
-    p.add_argument("--model", required=True, help="model folder or Hugging Face repo id")
+    add_model_args(p)
     p.add_argument("--prompt", "-p", default=None, help="the prompt; '-' or omitted reads stdin")
     p.add_argument("--system", default=None, help="system text (chat mode only)")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
-    p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory to stderr")
+    p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory (and streaming) to stderr")
+    p.add_argument("--show-experts", action="store_true",
+                   help="draw which experts each layer used (a heatmap on stderr)")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -109,26 +111,6 @@ def _convert_parser(sub) -> None:
                        description="Convert a Hugging Face Mixtral checkpoint to MLX.")
     add_arguments(p)
     p.set_defaults(func=run)
-
-
-def run_main(func: Callable[[], int]) -> int:
-    """Run a front door, turning errors into one line on stderr and an exit status."""
-    try:
-        return func()
-    except MixtralError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `mlx-mixtral generate ... | head`
-        return 0
-    except Exception as e:  # a bug: still one line, unless asked for the traceback
-        if os.environ.get("MLX_MIXTRAL_DEBUG"):
-            raise
-        print(f"error: unexpected {type(e).__name__}: {e} (set MLX_MIXTRAL_DEBUG=1 for details)",
-              file=sys.stderr)
-        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

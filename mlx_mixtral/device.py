@@ -7,6 +7,8 @@ On Apple silicon, macOS may page out ("unwire") GPU buffers that have not been t
 while; for a model that fills most of unified memory that turns each token into a disk read. While
 generating we raise MLX's wired-memory limit to what Metal recommends and restore it afterwards.
 Everywhere else (no Metal: Linux CPU, CUDA) this is a no-op.
+
+The compute dtype also differs: half precision on a GPU, float32 on the CPU (`compute_dtype`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ def wired_limit() -> Iterator[None]:
     finally:
         mx.synchronize()
         mx.set_wired_limit(previous)
+
+
+def compute_dtype(stored: mx.Dtype) -> mx.Dtype:
+    """The dtype to compute in for weights (or quantization scales) stored as `stored`.
+
+    On a GPU (Metal, CUDA) half precision is the fast path, so stored float16/bfloat16 stay as
+    they are. On the CPU backend `mx.gather_mm` only accepts float32 and quantized matmuls with
+    bfloat16 scales run ~8x slower than with float32, so floats are widened to float32 there.
+    """
+    if mx.default_device() == mx.cpu and stored in (mx.float16, mx.bfloat16):
+        return mx.float32
+    return stored
 
 
 def parallel_ways() -> int:
@@ -74,6 +88,18 @@ def in_parallel(work: Sequence[Callable[[], mx.array]], axis: int) -> mx.array:
         with mx.stream(stream):
             parts.append(piece())
     return mx.concatenate(parts, axis=axis)
+
+
+@contextmanager
+def part_stream(i: int) -> Iterator[None]:
+    """Run the body's operations as part `i` of independent work: part 0 on the current stream,
+    the others spread over the CPU side streams (see `in_parallel`); on a GPU, all on one."""
+    ways = parallel_ways()
+    if ways == 1 or i % ways == 0:
+        yield
+        return
+    with mx.stream(_cpu_streams(ways - 1)[i % ways - 1]):
+        yield
 
 
 def spans(n: int, parts: int) -> list[tuple[int, int]]:

@@ -18,11 +18,17 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import Checkpoint
+from .budget import AUTO, auto_budget, gb, parse_size, plan, weight_bytes
 from .config import ModelConfig
+from .device import compute_dtype
 from .errors import MixtralError
+from .expert_cache import DEFAULT_POLICY, READERS, ExpertCache
+from .expert_store import ExpertStore, is_expert_tensor
 from .model import Mixtral
 from .progress import progress_bar
+from .streamed_moe import stream_experts
 from .tokenizer import Tokenizer
+from .uncached_io import drop_file_from_page_cache, staging_bytes
 
 # What a model needs from a hub repo; never the original `consolidated.*.pt` or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json",
@@ -47,18 +53,6 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
     except Exception as e:  # the hub raises many types: offline, 404, gated, auth
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MixtralError(f"{text}: could not download from the Hugging Face hub ({reason})") from None
-
-
-def compute_dtype(stored: mx.Dtype) -> mx.Dtype:
-    """The dtype to compute in for weights (or quantization scales) stored as `stored`.
-
-    On a GPU (Metal, CUDA) half precision is the fast path, so stored float16/bfloat16 stay as
-    they are. On the CPU backend `mx.gather_mm` only accepts float32 and quantized matmuls with
-    bfloat16 scales run ~8x slower than with float32, so floats are widened to float32 there.
-    """
-    if mx.default_device() == mx.cpu and stored in (mx.float16, mx.bfloat16):
-        return mx.float32
-    return stored
 
 
 def _quantization_predicate(config: ModelConfig, shapes: dict[str, tuple[int, ...]]):
@@ -117,34 +111,84 @@ def check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int,
         )
 
 
-def load_model(folder: Path, dtype: mx.Dtype | None = None, progress: bool = True) -> Mixtral:
-    """Build and fill the model, one layer at a time (peak memory ~ the model, not twice it)."""
+def load_model(folder: Path, dtype: mx.Dtype | None = None, progress: bool = True,
+               max_memory: int | str | None = None, policy: str = DEFAULT_POLICY, prefetch: bool = True,
+               context: int | None = None) -> Mixtral:
+    """Build and fill the model, one layer at a time (peak memory ~ the model, not twice it).
+
+    With `max_memory` (bytes, a size like "12GB", or "auto") only the non-expert weights are
+    loaded; experts are read from the files on demand into a cache that keeps the weights within
+    that budget (see `expert_cache`). `context` sizes the KV cache `auto` leaves room for.
+    """
     config = ModelConfig.from_file(folder / "config.json")
     ckpt = Checkpoint(folder)
     shapes = ckpt.mlx_shapes(config)
     model = build_model(config, shapes)
     check_tensors(model, ckpt, shapes)
+    cache = None
+    if max_memory is not None:
+        cache = _expert_cache(ckpt, config, dtype, max_memory, policy, prefetch, context)
+        stream_experts(model, cache)
     pieces = ckpt.iter_weights(config)
     with progress_bar("Loading", total=config.num_hidden_layers + 1, enabled=progress) as advance:
         for _, weights in pieces:
             cast = []
             for name, a in weights.items():
+                if cache is not None and is_expert_tensor(name):
+                    continue  # never read: streamed on demand
                 if mx.issubdtype(a.dtype, mx.floating):
                     a = a.astype(dtype or compute_dtype(a.dtype))
                 cast.append((name, a))
             model.load_weights(cast, strict=False)
             mx.eval([a for _, a in cast])
             advance()
+    if cache is not None:  # the resident part was read through the page cache: give it back
+        for f in ckpt.files:
+            drop_file_from_page_cache(f)
     model.eval()
     return model
 
 
-def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None,
-         progress: bool = True) -> tuple[Mixtral, Tokenizer]:
+def _expert_cache(ckpt: Checkpoint, config: ModelConfig, dtype: mx.Dtype | None, max_memory: int | str,
+                  policy: str, prefetch: bool, context: int | None) -> ExpertCache:
+    """The expert cache a budget buys, after checking the budget holds what must stay resident."""
+    if isinstance(max_memory, str) and max_memory.strip().lower() == AUTO:
+        budget, how = auto_budget(config, context)
+        label = f"auto ({gb(budget)} = {how})"
+    else:
+        budget = parse_size(max_memory)
+        label = str(max_memory) if isinstance(max_memory, str) else gb(budget)
+    store = ExpertStore(ckpt, config, dtype, readers=READERS)
+    # staging buffers: one per reading thread (slice readers; expert readers only wait on them)
+    staging = READERS * staging_bytes(store.largest_read)
+    expert_bytes = max(store.nbytes(layer, e) for layer in range(config.num_hidden_layers)
+                       for e in range(config.num_local_experts))
+    resident = weight_bytes(ckpt, config, dtype, experts=False)
+    the_plan = plan(budget, resident, staging, expert_bytes, config, label)
+    cache = ExpertCache(store, the_plan.cache_bytes, policy=policy, readers=READERS, prefetch=prefetch)
+    cache.plan = the_plan
+    return cache
+
+
+def would_fit(folder: Path, context: int | None = None) -> tuple[bool, str]:
+    """Whether the whole model fits this machine's memory (`auto`'s budget), and a line saying why."""
+    config = ModelConfig.from_file(folder / "config.json")
+    need = weight_bytes(Checkpoint(folder), config)
+    budget, how = auto_budget(config, context)
+    return need <= budget, f"the model takes {gb(need)} and this machine offers {gb(budget)} ({how})"
+
+
+def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
+         max_memory: int | str | None = None, policy: str = DEFAULT_POLICY,
+         prefetch: bool = True) -> tuple[Mixtral, Tokenizer]:
     """Load a Mixtral model and its tokenizer from a folder or a hub repo id.
 
     `dtype` overrides the compute dtype of floating weights (default: `compute_dtype`).
+    `max_memory` ("12GB", bytes, or "auto") streams the experts from disk within that budget;
+    `policy` ("lru" or "lfu") chooses which cached expert to evict, `prefetch` whether the next
+    layer's likely experts are read ahead. Without `max_memory` the model is fully resident.
     """
     folder = resolve(path_or_repo)
     tokenizer = Tokenizer.from_folder(folder)  # cheap; fail before the long part
-    return load_model(folder, dtype=dtype, progress=progress), tokenizer
+    return load_model(folder, dtype=dtype, progress=progress, max_memory=max_memory, policy=policy,
+                      prefetch=prefetch), tokenizer

@@ -24,10 +24,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .cli import add_sampling_args, sampling_from_args
+from .arguments import add_model_args, add_sampling_args, load_from_args, sampling_from_args
 from .conversation import SETTING_KEYS, ChatSession, Conversation, Settings, Turn
 from .errors import MixtralError
-from .loading import load
+from .expert_view import heatmap, streaming_line
+from .routing import log_of
 
 HISTORY_ENV = "MLX_MIXTRAL_HISTORY"  # a path, or empty to keep no history
 HISTORY_LENGTH = 1000  # lines kept in the history file
@@ -214,7 +215,8 @@ class Repl:
             _Command(("undo",), "", "drop the last message and its reply", self._cmd_undo),
             _Command(("save",), "FILE", "save the conversation as JSON", self._cmd_save),
             _Command(("load",), "FILE", "continue a conversation saved with /save", self._cmd_load),
-            _Command(("stats",), "", "context use, speed and memory", self._cmd_stats),
+            _Command(("stats",), "", "context use, speed and memory (and expert streaming)", self._cmd_stats),
+            _Command(("experts",), "", "which experts each layer used over the last reply", self._cmd_experts),
             _Command(("exit", "bye"), "", "quit (Ctrl-D too)", lambda arg: True),
         ]
         self._by_name = {name: c for c in self.commands for name in c.names}
@@ -279,6 +281,10 @@ class Repl:
             self.note(f"[dropped the {_count(turn.dropped, 'oldest exchange')} to fit the context of "
                       f"{self.session.limit} tokens]")
         ended_line = True
+        model = self.session.model
+        log_of(model).reset()  # /experts and /stats describe this reply
+        if getattr(model, "expert_cache", None) is not None:
+            model.expert_cache.reset_stats()
         stream = self.session.stream(turn)
         with _ReplyTerminal() as interrupt:
             try:
@@ -386,6 +392,16 @@ class Repl:
                                          f"from the cache), {r.prompt_tps:.1f} tok/s")
             table.add_row("last reply", f"{_count(r.generation_tokens, 'token')}, {r.generation_tps:.1f} tok/s")
             table.add_row("peak memory", f"{r.peak_memory_gb:.2f} GB")
+        streaming = streaming_line(s.model)
+        if streaming is not None:
+            table.add_row("streaming", streaming.removeprefix("experts: "))
+        self.console.print(table)
+
+    def _cmd_experts(self, arg: str) -> None:
+        table = heatmap(log_of(self.session.model))
+        if table is None:
+            self.note("no reply yet: /experts shows the routing of the last reply")
+            return
         self.console.print(table)
 
     # -- output ---------------------------------------------------------------------------------
@@ -398,7 +414,7 @@ class Repl:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `chat` subcommand's flags."""
-    parser.add_argument("--model", required=True, help="model folder or Hugging Face repo id")
+    add_model_args(parser)
     parser.add_argument("--system", default=None, help="system text for the conversation")
     parser.add_argument("--max-context", type=int, default=None,
                         help="most tokens in the context (default: the model's limit); the oldest "
@@ -412,7 +428,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_context is not None and args.max_context < 2:
         raise MixtralError(f"--max-context must be at least 2 tokens, got {args.max_context}")
     console = Console(highlight=False)
-    model, tokenizer = load(args.model, progress=True)
+    model, tokenizer = load_from_args(
+        args, lambda line: console.print(line, style="dim", markup=False, highlight=False),
+        context=lambda _: args.max_context)
     session = ChatSession(model, tokenizer, settings, args.max_context, args.system)
     reader = LineReader(history_path(), warn=lambda text: console.print(text, style="yellow", markup=False))
     Repl(console, session, reader, args.model).loop()

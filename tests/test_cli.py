@@ -47,6 +47,26 @@ def test_generate_raw_from_stdin(model_path, reference):
     assert r.stdout == reference["raw"] + "\n"
 
 
+@pytest.mark.parametrize("piped", ["Hello there\n", "Hello there\r\n", "Hello there"])
+def test_piped_prompt_equals_the_same_prompt_given_as_a_flag(model_path, reference, piped):
+    """`echo q | mlx-mixtral generate` sends "q\n": the newline that ends the input is not prompt."""
+    r = _cli("generate", "--model", str(model_path), "--raw", "--max-tokens", "12", stdin=piped)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == reference["raw"] + "\n"
+
+
+@pytest.mark.parametrize("piped, prompt", [("q\n", "q"), ("q\r\n", "q"), ("q", "q"), ("q\n\n", "q\n"),
+                                           ("a\nb\n", "a\nb"), (" q \n", " q ")])
+def test_only_the_final_newline_of_stdin_is_dropped(monkeypatch, piped, prompt):
+    import io
+    from argparse import Namespace
+
+    from mlx_mixtral.cli import _read_prompt
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(piped))
+    assert _read_prompt(Namespace(prompt=None)) == prompt
+
+
 def test_sampling_flags_and_seed_repeat(model_path):
     args = ("generate", "--model", str(model_path), "-p", "Hi", "--max-tokens", "10", "--temp", "0.9",
             "--top-p", "0.95", "--top-k", "50", "--min-p", "0.01", "--repetition-penalty", "1.1", "--seed", "7")

@@ -157,7 +157,7 @@ def test_commands_settings_and_bad_input(chat, tmp_path):
     c = chat("--max-tokens", "4", "--seed", "1")
     c.line("/help")
     for name in ["/help", "/clear", "/system", "/set", "/show", "/regen", "/undo", "/save", "/load",
-                 "/stats", "/exit /bye"]:
+                 "/stats", "/experts", "/exit /bye"]:
         c.expect(re.escape(name))
     c.command("/show", table(("temp", r"0\.7"), ("top_p", r"1\.0"), ("top_k", "0"), ("min_p", r"0\.0"),
                              ("repetition_penalty", r"1\.0"), ("max_tokens", "4"), ("seed", "1"),

@@ -1,0 +1,112 @@
+"""Flags and error handling shared by every front door (`generate`, `chat`, `convert`).
+
+One module both the CLI and the REPL import, so neither imports the other. Every user-fixable
+error ends as one line on stderr and a non-zero exit status; set MLX_MIXTRAL_DEBUG=1 to see the
+traceback of an unexpected one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .errors import MixtralError
+from .expert_cache import DEFAULT_POLICY, POLICIES
+
+if TYPE_CHECKING:  # imported lazily, so `--help` starts fast
+    from .sampling import SamplingParams
+    from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Which model, and how much memory it may take (`generate`, `chat`)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="model folder or Hugging Face repo id (default: %(default)s)")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE|auto",
+                        help="keep the weights within SIZE (e.g. 12GB), streaming experts from disk; "
+                             "auto: what this machine offers. Default: fully resident if the model "
+                             "fits, else auto")
+    parser.add_argument("--cache-policy", choices=POLICIES, default=DEFAULT_POLICY,
+                        help="which streamed expert to evict: the least often (lfu) or least recently "
+                             "(lru) used (default: %(default)s, the faster in benchmarks/RESULTS.md)")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="streaming: do not read the next layer's likely experts ahead")
+
+
+def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
+                   context: Callable[[Tokenizer], int | None] = lambda _: None):
+    """Load `--model` as the flags say: resident when it fits (or `--max-memory` is absent and it
+    fits), else streaming within `--max-memory` or `auto`, saying so in one line."""
+    from .budget import AUTO, gb, parse_size
+    from .loading import load_model, resolve, would_fit
+    from .tokenizer import Tokenizer
+
+    max_memory = args.max_memory
+    if max_memory is not None and max_memory.strip().lower() != AUTO:
+        parse_size(max_memory)  # a typo fails before a download
+    folder = resolve(args.model)
+    tokenizer = Tokenizer.from_folder(folder)
+    tokens = context(tokenizer)
+    if max_memory is None:
+        fits, why = would_fit(folder, tokens)
+        if not fits:
+            note(f"{why}: streaming experts from disk with --max-memory auto")
+            max_memory = AUTO
+    model = load_model(folder, progress=True, max_memory=max_memory, policy=args.cache_policy,
+                       prefetch=not args.no_prefetch, context=tokens)
+    cache = getattr(model, "expert_cache", None)
+    if cache is not None:
+        for line in cache.plan.notes:
+            note(line)
+        note(f"streaming experts within {gb(cache.plan.budget)}: {cache.plan.cached_experts} of "
+             f"{cache.plan.total_experts} experts fit in memory ({cache.policy})")
+    return model, tokenizer
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, temp: float = 0.0) -> None:
+    """Sampling flags shared by `generate` and `chat`."""
+    parser.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default: %(default)s)")
+    parser.add_argument("--temp", type=float, default=temp, help="sampling temperature; 0 is greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0, off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (default: 0, off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise recent tokens (default: 1.0, off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """Validated sampling parameters, so a bad flag fails before a multi-GB load."""
+    from .sampling import SamplingParams, check_max_tokens, check_seed
+
+    params = SamplingParams(temp=args.temp, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    params.validate()
+    if args.seed is not None:
+        check_seed(args.seed)
+    check_max_tokens(args.max_tokens)
+    return params
+
+
+def run_main(func: Callable[[], int]) -> int:
+    """Run a front door, turning errors into one line on stderr and an exit status."""
+    try:
+        return func()
+    except MixtralError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `mlx-mixtral generate ... | head`
+        return 0
+    except Exception as e:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("MLX_MIXTRAL_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (set MLX_MIXTRAL_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
