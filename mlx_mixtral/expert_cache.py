@@ -100,33 +100,39 @@ class ExpertCache:
 
     # -- what the model calls ---------------------------------------------------------------------
     def fetch(self, layer: int, experts: Iterable[int]) -> dict[int, Future]:
-        """Pin `experts` of `layer` and return a future of each one's arrays (done if cached)."""
-        out = {}
+        """Pin `experts` of `layer` and return a future of each one's arrays (done if cached).
+
+        Those present are pinned before room is made for the others, so a miss never evicts an
+        expert the same request is about to use (one a prefetch just read, say)."""
+        experts = list(experts)
         guess = self._guess.pop(layer, None)
-        for e in experts:
-            key = (layer, e)
-            self.stats.requests += 1
-            if guess is not None and e in guess:
-                self.stats.predicted += 1
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is None:
-                    self._make_room(self.store.nbytes(layer, e))
-                    entry = self._start(key, by_prefetch=False)
-                    self.stats.misses += 1
-                    self.log.misses[layer, e] += 1
-                else:
-                    if entry.by_prefetch and entry.uses == 0:
-                        self.stats.prefetched += 1
+        out: dict[int, Future] = {}
+        with self._lock:
+            for present in (True, False):
+                for e in experts:
+                    key = (layer, e)
+                    entry = self._entries.get(key)
+                    if (entry is not None) != present or e in out:
+                        continue
+                    if entry is None:
+                        self._make_room(self.store.nbytes(layer, e))
+                        entry = self._start(key, by_prefetch=False)
+                        self.stats.misses += 1
+                        self.log.misses[layer, e] += 1
                     else:
-                        self.stats.hits += 1
-                    self.log.hits[layer, e] += 1
-                entry.pins += 1
-                entry.uses += 1
-                self._tick += 1
-                entry.last_use = self._tick
-            out[e] = entry.future
-        return out
+                        if entry.by_prefetch and entry.uses == 0:
+                            self.stats.prefetched += 1
+                        else:
+                            self.stats.hits += 1
+                        self.log.hits[layer, e] += 1
+                    self.stats.requests += 1
+                    self.stats.predicted += guess is not None and e in guess
+                    entry.pins += 1
+                    entry.uses += 1
+                    self._tick += 1
+                    entry.last_use = self._tick
+                    out[e] = entry.future
+        return {e: out[e] for e in experts}
 
     def wait(self, layer: int, expert: int, future: Future) -> dict[str, mx.array]:
         """A fetched expert's arrays, blocking until read. A read error surfaces here, and the

@@ -353,3 +353,43 @@ def test_the_repl_reports_a_truncated_shard_and_goes_on(hf_checkpoint_factory, t
     c.command("/stats", r"conversation +\d+ exchanges?")
     c.line("/exit")
     assert c.exits() == 0
+
+
+class _FakeStore:
+    """Two layers of four 100-byte experts; reads return at once and are counted."""
+
+    num_layers, num_experts = 2, 4
+
+    def __init__(self):
+        self.reads: list[tuple[int, int]] = []
+        self.bytes_read, self.read_seconds = 0, 0.0
+
+    def nbytes(self, layer, expert):
+        return 100
+
+    def read(self, layer, expert):
+        self.reads.append((layer, expert))
+        return {}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_a_miss_never_evicts_an_expert_the_same_request_uses(policy):
+    from mlx_mixtral.expert_cache import ExpertCache
+
+    store = _FakeStore()
+    cache = ExpertCache(store, capacity=300, policy=policy)
+    for e in (0, 1):  # layer 0 uses experts 0 and 1
+        cache.fetch(0, [e])[e].result()
+        cache.release(0, [e])
+    cache.prefetch(1, [2])  # the guess for layer 1: expert 2 (the cache is now full)
+    futures = cache.fetch(1, [3, 2])  # a miss listed before the prefetched expert
+    [f.result() for f in futures.values()]
+    cache.release(1, [3, 2])
+    assert store.reads.count((1, 2)) == 1  # the prefetched expert was used, not evicted and re-read
+    stats = cache.snapshot()
+    assert (stats.prefetched, stats.misses, stats.evictions) == (1, 3, 1)
+    assert cache.peak_used <= 300 and set(cache._entries) == {(0, 1), (1, 2), (1, 3)}
+    cache.close()
