@@ -160,7 +160,9 @@ def _to_mlx(raw: memoryview, stored: str, target: mx.Dtype, shape: tuple[int, ..
             return mx.array(a).view(mx.bfloat16)
         return mx.array(a)
     if target == mx.float32:  # widening, exact, done in numpy so no MLX graph is built here
-        if stored == "BF16":
-            return mx.array((a.astype(np.uint32) << 16).view(np.float32))
+        if stored == "BF16":  # the bf16 bits are the top half of the float32's: one buffer, in place
+            wide = a.astype(np.uint32)
+            wide <<= 16
+            return mx.array(wide.view(np.float32))
         return mx.array(a.astype(np.float32))
     return mx.array(a.astype(np.float32)).astype(target)  # an explicit `dtype=` override
