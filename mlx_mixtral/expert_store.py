@@ -111,6 +111,11 @@ class ExpertStore:
         """Bytes expert `expert` of `layer` takes in memory (after any widening to the compute dtype)."""
         return sum(int(np.prod(s.where.shape)) * s.target.size for s in self._slices[layer, expert])
 
+    @property
+    def max_expert_bytes(self) -> int:
+        """The largest expert in memory (mixed recipes may size layers differently)."""
+        return max(self.nbytes(layer, e) for layer, e in self._slices)
+
     def disk_bytes(self, layer: int, expert: int) -> int:
         return sum(s.where.nbytes for s in self._slices[layer, expert])
 

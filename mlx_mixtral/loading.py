@@ -17,8 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import Checkpoint
 from .budget import AUTO, auto_budget, gb, parse_size, plan, weight_bytes
+from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .device import compute_dtype
 from .errors import MixtralError
@@ -161,10 +161,8 @@ def _expert_cache(ckpt: Checkpoint, config: ModelConfig, dtype: mx.Dtype | None,
     store = ExpertStore(ckpt, config, dtype, readers=READERS)
     # staging buffers: one per reading thread (slice readers; expert readers only wait on them)
     staging = READERS * staging_bytes(store.largest_read)
-    expert_bytes = max(store.nbytes(layer, e) for layer in range(config.num_hidden_layers)
-                       for e in range(config.num_local_experts))
     resident = weight_bytes(ckpt, config, dtype, experts=False)
-    the_plan = plan(budget, resident, staging, expert_bytes, config, label)
+    the_plan = plan(budget, resident, staging, store.max_expert_bytes, config, label)
     cache = ExpertCache(store, the_plan.cache_bytes, policy=policy, readers=READERS, prefetch=prefetch)
     cache.plan = the_plan
     return cache

@@ -359,6 +359,7 @@ class _FakeStore:
     """Two layers of four 100-byte experts; reads return at once and are counted."""
 
     num_layers, num_experts = 2, 4
+    max_expert_bytes = 100
 
     def __init__(self):
         self.reads: list[tuple[int, int]] = []
