@@ -15,7 +15,13 @@ still overstates what a changed expert choice costs (its experts are unrelated f
 figures rank the choices rather than predict Mixtral's own KL. Sizes are those of the real
 Mixtral-8x7B under each policy (computed from shapes).
 
+`--trained` measures on the model `benchmarks/train_small.py` trained instead (real text, real
+routing): the same figures plus held-out perplexity, over its held-out windows, for more bit
+widths and for mixed recipes (attention at more bits than the experts). It first checks the
+yardstick: the float32 checkpoint converted and loaded by us must give transformers' perplexity.
+
     python benchmarks/quant_quality.py [--seeds 3] [--sequences 4] [--length 64]
+    python benchmarks/quant_quality.py --trained [--windows 16]    # ~20 min on 2 cores
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from mlx.utils import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import train_small  # noqa: E402
 from synthetic import SHAPES  # noqa: E402
 
 from convert.convert import convert, nbytes, output_model, parameter_count  # noqa: E402
@@ -52,7 +59,7 @@ CONFIG = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=896, n
 # is chaotic (bfloat16 rounding alone gives KL ~0.03); these give decisive routing (router logits
 # std ~4), a peaked next-token distribution (entropy ~3.8 nats) and small residual updates, like a
 # trained model: bfloat16 rounding then costs KL ~0.002.
-GAIN = {"router": 4.0, "lm_head": 4.0, "embed": 1.0, "body": 0.5}
+GAIN = {"router": 4.0, "lm_head": 4.0, "embed": 1.0, "attention": 0.5, "body": 0.5}
 GROUP_SIZE = 64
 F = None  # float
 
@@ -70,16 +77,16 @@ def variants(bits: int) -> list[tuple[str, dict]]:
     return rows
 
 
-def random_model(folder: Path, seed: int) -> Path:
-    """A float32 MLX folder holding a random `CONFIG` model with decisive routing."""
+def random_model(folder: Path, seed: int, config: ModelConfig = CONFIG) -> Path:
+    """A float32 MLX folder holding a random `config` model with decisive routing."""
     mx.random.seed(seed)
-    model = Mixtral(CONFIG)
+    model = Mixtral(config)
     weights = {p: mx.random.uniform(0.5, 1.5, a.shape) if a.ndim == 1  # norms: not all-ones
                else mx.random.normal(a.shape) * GAIN[module_kind(p.removesuffix(".weight"))] / math.sqrt(a.shape[-1])
                for p, a in tree_flatten(model.parameters())}
     folder.mkdir(parents=True)
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (folder / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
     shutil.copyfile(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
     return folder
 
@@ -87,9 +94,9 @@ def random_model(folder: Path, seed: int) -> Path:
 def run_model(model: nn.Module, tokens: mx.array) -> tuple[np.ndarray, list[np.ndarray]]:
     """Log-probabilities [B, L, V] and each layer's chosen expert sets [B, L, k] (sorted)."""
     chosen: list[mx.array] = []
-    for layer in model.layers:
+    gates = [layer.block_sparse_moe.gate for layer in model.layers]
+    for layer, gate in zip(model.layers, gates):
         moe = layer.block_sparse_moe
-        gate = moe.gate
 
         def recording(x, gate=gate, k=moe.top_k):
             logits = gate(x)
@@ -97,7 +104,11 @@ def run_model(model: nn.Module, tokens: mx.array) -> tuple[np.ndarray, list[np.n
             return logits
 
         moe.gate = recording
-    logits = model(tokens).astype(mx.float32)
+    try:
+        logits = model(tokens).astype(mx.float32)
+    finally:
+        for layer, gate in zip(model.layers, gates):
+            layer.block_sparse_moe.gate = gate
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return np.array(logp), [np.array(c) for c in chosen]
 
@@ -121,12 +132,105 @@ def real_size(policy: dict | None) -> tuple[float, float]:
     return size / 1e9, size * 8 / parameter_count(config)
 
 
+def trained_rows() -> list[tuple[str, dict | None]]:
+    """The random model's rows, the other bit widths, and mixed recipes (attention finer than experts)."""
+    rows = [("bfloat16, no quantization", None)] + variants(8) + variants(4)
+    for bits in (6, 5, 3, 2):
+        rows += [(f"all {bits}-bit (what mlx-lm does)", dict(bits=bits, router_bits=bits, embed_bits=bits,
+                                                              lm_head_bits=bits)),
+                 (f"{bits}-bit, our defaults", dict(bits=bits))]
+    for bits, attention in ((4, 6), (4, 8), (3, 4), (3, 6), (2, 4)):
+        rows.append((f"experts {bits}-bit, attention {attention}-bit, our defaults",
+                     dict(bits=bits, attention_bits=attention)))
+    return rows
+
+
+def evaluate(model: nn.Module, windows: np.ndarray, ref: list | None = None) -> tuple[dict, list]:
+    """Held-out perplexity of `model` on `windows` [N, L + 1] and, against `ref` (the float model's
+    chunks from an earlier call), KL, top-1 agreement and expert sets changed. Run in chunks of 8
+    windows so only one chunk's [8, L, 32000] log-probabilities are alive at a time, besides `ref`."""
+    chunks, nll, stats = [], [], []
+    for n, i in enumerate(range(0, len(windows), 8)):
+        x = windows[i:i + 8]
+        out = run_model(model, mx.array(x[:, :-1]))
+        nll.append(-np.take_along_axis(out[0], x[:, 1:, None], -1).astype(np.float64))
+        if ref is None:
+            chunks.append(out)
+        else:
+            stats.append(compare(ref[n], out))
+    result = {"perplexity": float(np.exp(np.concatenate(nll).mean()))}
+    if stats:
+        result.update(zip(("kl", "top1", "changed"), np.mean(stats, axis=0)))
+    return result, chunks
+
+
+def transformers_logp(folder: Path, windows: np.ndarray) -> list[np.ndarray]:
+    """transformers' float32 log-probabilities of the checkpoint, in `evaluate`'s chunks."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [torch.log_softmax(model(input_ids=torch.from_numpy(windows[i:i + 8, :-1])).logits, -1).numpy()
+                for i in range(0, len(windows), 8)]
+
+
+def main_trained(out: Path, count: int, length: int) -> None:
+    """Every policy on the model `train_small.py` trained, scored on its held-out text."""
+    src = out / "float32"
+    if not (src / "model.safetensors").is_file():
+        raise SystemExit(f"error: {src} has no trained model; run python benchmarks/train_small.py first")
+    windows = train_small.eval_windows(np.load(out / "corpus" / "heldout.npy"), length, count)
+    work = Path(tempfile.mkdtemp(prefix="quant_quality-"))
+    rows = trained_rows()
+    results = {}
+    try:
+        convert(src, work / "float32", dtype="float32", progress=False)
+        ours, ref = evaluate(load_model(work / "float32", progress=False), windows)
+        theirs = transformers_logp(src, windows)
+        hf_ppl = float(np.exp(np.mean([-np.take_along_axis(lp, windows[i * 8:i * 8 + 8, 1:, None], -1)
+                                       .astype(np.float64).mean() for i, lp in enumerate(theirs)])))
+        gap = max(float(np.abs(lp - r[0]).max()) for lp, r in zip(theirs, ref))
+        del theirs
+        print(f"cross-check on {windows.size - len(windows)} held-out tokens of {src}: perplexity "
+              f"transformers {hf_ppl:.4f}, mlx_mixtral (converted float32) {ours['perplexity']:.4f}; "
+              f"largest log-probability difference {gap:.2e}", file=sys.stderr)
+        for i, (label, policy) in enumerate(rows):
+            dst = work / f"out-{i}"
+            convert(src, dst, quantize=policy is not None, dtype="bfloat16", group_size=GROUP_SIZE,
+                    progress=False, **(policy or {}))
+            results[label], _ = evaluate(load_model(dst, progress=False), windows, ref)
+            shutil.rmtree(dst)
+            print(f"{label}: {results[label]}", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"Trained model {src}, {windows.size - len(windows)} held-out tokens ({count} windows of {length}); "
+          f"float32 perplexity {ours['perplexity']:.3f} (transformers {hf_ppl:.3f}, largest log-prob "
+          f"difference {gap:.1e})\n")
+    print(f"| policy (group size {GROUP_SIZE}, bf16 scales) | held-out ppl | KL (nats) | top-1 agree "
+          "| expert sets changed | Mixtral-8x7B size | bits/weight |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, policy in rows:
+        r = results[label]
+        gb, bpw = real_size(policy)
+        print(f"| {label} | {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.1%} | {r['changed']:.1%} "
+              f"| {gb:.2f} GB | {bpw:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trained", nargs="?", type=Path, const=train_small.DEFAULT_OUT, default=None, metavar="DIR",
+                        help=f"measure on the model train_small.py trained (default folder {train_small.DEFAULT_OUT})")
+    parser.add_argument("--windows", type=int, default=16, help="with --trained: held-out windows scored")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sequences", type=int, default=4)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--length", type=int, default=None,
+                        help="tokens per sequence (default: 64 random, 256 with --trained)")
     args = parser.parse_args()
+    if args.trained is not None:
+        return main_trained(args.trained, args.windows, args.length or 256)
+    args.length = args.length or 64
 
     rows = [("bfloat16, no quantization", None)] + variants(4) + variants(8)
     results: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _ in rows}

@@ -23,6 +23,7 @@ tokenized corpus, `train_state.pt` while training, and `report.json`.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -199,8 +200,11 @@ def train(args: argparse.Namespace) -> None:
             history.append({"step": step, "loss": float(result.loss.detach()) - ARCH["router_aux_loss_coef"] * aux,
                             "aux": aux, "tokens_per_s": args.batch * args.length / dt})
             recent = history[-20:]
-            bar.update(task, advance=1, info=f"loss {np.mean([h['loss'] for h in recent]):.3f} · "
-                       f"{np.median([h['tokens_per_s'] for h in recent]):.0f} tok/s")
+            info = (f"loss {np.mean([h['loss'] for h in recent]):.3f} · "
+                    f"{np.median([h['tokens_per_s'] for h in recent]):.0f} tok/s")
+            bar.update(task, advance=1, info=info)
+            if not stderr_console.is_terminal and (step + 1) % 25 == 0:  # a log file gets plain lines
+                print(f"step {step + 1}/{args.steps}: {info}", file=sys.stderr, flush=True)
             if (step + 1) % args.save_every == 0:
                 checkpoint(step + 1)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -212,14 +216,18 @@ def train(args: argparse.Namespace) -> None:
 
 
 def export(model, out: Path, training: dict) -> None:
-    """float32/ and bfloat16/ Hugging Face folders, each written whole or not at all."""
+    """float32/ and bfloat16/ Hugging Face folders, each written whole or not at all.
+
+    Each is saved from a copy: `Module.to` casts in place, and a float32 export taken after the
+    bfloat16 one would hold bfloat16-rounded weights.
+    """
     import torch
 
     model.config.output_router_logits = False
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):  # float32 last: it marks done
         tmp = out / f"{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        copy.deepcopy(model).to(dtype).save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(TOKENIZER, tmp / "tokenizer.model")
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "LlamaTokenizer", "legacy": True, "bos_token": "<s>", "eos_token": "</s>",
@@ -227,7 +235,6 @@ def export(model, out: Path, training: dict) -> None:
         (tmp / "training.json").write_text(json.dumps(training, indent=1))
         shutil.rmtree(out / name, ignore_errors=True)
         tmp.rename(out / name)
-    model.to(torch.float32)
 
 
 # -- the report ------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"weights per scale/bias: {'|'.join(map(str, SUPPORTED_GROUP_SIZES))} (default: %(default)s)")
     parser.add_argument("--dtype", default=None, metavar="DTYPE",
                         help=f"{'|'.join(DTYPES)}: float weights and quantization scales (default: the source's)")
+    parser.add_argument("--attention-bits", type=int, default=None, metavar="BITS",
+                        help=f"with -q: attention's bits, {bits} (default: --q-bits), e.g. 6 with --q-bits 3")
     parser.add_argument("--router-bits", default=None, metavar="BITS",
                         help=f"with -q: router gate precision, 8|float (default: {_precision_text(DEFAULT_ROUTER_BITS)})")
     parser.add_argument("--embed-bits", default=None, metavar="BITS",
@@ -73,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
             if not args.quantize:
                 raise MixtralError(f"{flag} only applies with -q")
             policy[name] = parse_precision(value, flag, allowed)
+    if args.attention_bits is not None:
+        if not args.quantize:
+            raise MixtralError("--attention-bits only applies with -q")
+        policy["attention_bits"] = args.attention_bits
     summary = convert(
         args.hf_path, args.mlx_path, quantize=args.quantize, bits=args.q_bits, group_size=args.q_group_size,
         dtype=args.dtype, force=args.force, dequantize=args.dequantize,

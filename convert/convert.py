@@ -86,21 +86,23 @@ def convert(
     router_bits: int | None = DEFAULT_ROUTER_BITS,
     embed_bits: int | None = DEFAULT_EMBED_BITS,
     lm_head_bits: int | None = DEFAULT_LM_HEAD_BITS,
+    attention_bits: int | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> Summary:
     """Convert `hf_path` (folder or hub repo id) into an MLX folder at `mlx_path`.
 
     `quantize` applies a `QuantPolicy` (bits/group_size for experts and attention, their own
-    precision for router, embeddings and lm_head; None means float); `dequantize` turns a
-    quantized MLX folder back into float. `dtype` (default: the source's) is that of float
+    precision for router, embeddings and lm_head, None meaning float; `attention_bits` None
+    means as `bits`); `dequantize` turns a quantized MLX folder back into float. `dtype` (default: the source's) is that of float
     weights and of quantization scales and biases.
     """
     start = time.perf_counter()
     if quantize and dequantize:
         raise MixtralError("-q and --dequantize: choose one")
     out_dtype = parse_dtype(dtype) if dtype is not None else None
-    policy = QuantPolicy(bits, group_size, router_bits, embed_bits, lm_head_bits) if quantize else None
+    policy = QuantPolicy(bits=bits, group_size=group_size, router_bits=router_bits, embed_bits=embed_bits,
+                         lm_head_bits=lm_head_bits, attention_bits=attention_bits) if quantize else None
     if max_shard_bytes <= 0:
         raise MixtralError(f"--max-shard-size {max_shard_bytes}: must be positive")
     dst = Path(mlx_path).expanduser()

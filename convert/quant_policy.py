@@ -1,7 +1,8 @@
 """Which weights the converter quantizes, and to how many bits.
 
 Experts and attention hold 99.4% of Mixtral's parameters, so they get the requested bits: that is
-where the memory goes. Three small kinds of weights have their own precision, because the bytes
+where the memory goes. Attention (2.9% of the parameters, but every token passes through all of
+it) may take more bits than the experts (`attention_bits`), the recipe for 3-bit experts. Three small kinds of weights have their own precision, because the bytes
 they would save are few and the error they would add is not:
 
 - the router gate (8 x 4096 per layer, 0.002% of the parameters) picks each token's experts; its
@@ -51,7 +52,9 @@ class QuantSpec:
 
 
 def module_kind(path: str) -> str:
-    """"router", "embed", "lm_head" or "body" (attention and experts) for a module path."""
+    """"router", "embed", "lm_head", "attention" or "body" (the experts) for a module path."""
+    if ".self_attn." in path:
+        return "attention"
     if path.endswith("block_sparse_moe.gate"):
         return "router"
     if path.endswith("embed_tokens"):
@@ -79,8 +82,8 @@ def parse_precision(text: str, flag: str, allowed: tuple[int, ...] = SUPPORTED_B
 class QuantPolicy:
     """The requested bits for the body, and a precision (bits, or None = float) per small kind.
 
-    Any supported width is accepted here so the benchmark can measure it; the CLI offers the
-    router only 8 bits or float.
+    `attention_bits` None means "as `bits`". Any supported width is accepted here so the
+    benchmark can measure it; the CLI offers the router only 8 bits or float.
     """
 
     bits: int = 4
@@ -88,6 +91,7 @@ class QuantPolicy:
     router_bits: int | None = DEFAULT_ROUTER_BITS
     embed_bits: int | None = DEFAULT_EMBED_BITS
     lm_head_bits: int | None = DEFAULT_LM_HEAD_BITS
+    attention_bits: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse, in one line, what MLX cannot quantize."""
@@ -95,7 +99,8 @@ class QuantPolicy:
             raise MixtralError(f"--q-group-size {self.group_size} is not supported; "
                                f"use one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}")
         for flag, bits in (("--q-bits", self.bits), ("--router-bits", self.router_bits),
-                           ("--embed-bits", self.embed_bits), ("--lm-head-bits", self.lm_head_bits)):
+                           ("--embed-bits", self.embed_bits), ("--lm-head-bits", self.lm_head_bits),
+                           ("--attention-bits", self.attention_bits)):
             if bits is not None and bits not in SUPPORTED_BITS:
                 raise MixtralError(f"{flag} {bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
 
@@ -105,6 +110,8 @@ class QuantPolicy:
 
     def bits_for(self, path: str) -> int | None:
         kind = module_kind(path)
+        if kind == "attention":
+            return self.bits if self.attention_bits is None else self.attention_bits
         return {"router": self.router_bits, "embed": self.embed_bits,
                 "lm_head": self.lm_head_bits}.get(kind, self.bits)
 
@@ -149,9 +156,13 @@ class QuantPlan:
         )
 
     def summary(self) -> str:
-        """How the small kinds ended up, e.g. "router float, embeddings 8-bit, lm_head 8-bit"."""
-        seen: dict[str, str] = {}
+        """How the small kinds ended up, e.g. "router float, embeddings 8-bit, lm_head 8-bit", and
+        attention when it differs from the default."""
+        seen: dict[str, QuantSpec | None] = {}
         for path, spec in self.specs.items():
-            seen.setdefault(module_kind(path), f"{spec.bits}-bit" if spec else "float")
-        names = {"router": "router", "embed": "embeddings", "lm_head": "lm_head"}
-        return ", ".join(f"{label} {seen[kind]}" for kind, label in names.items() if kind in seen)
+            seen.setdefault(module_kind(path), spec)
+        if seen.get("attention", self.default) == self.default:
+            seen.pop("attention", None)
+        names = {"attention": "attention", "router": "router", "embed": "embeddings", "lm_head": "lm_head"}
+        return ", ".join(f"{label} {f'{seen[kind].bits}-bit' if seen[kind] else 'float'}"
+                         for kind, label in names.items() if kind in seen)

@@ -111,7 +111,7 @@ def check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int,
         )
 
 
-def load_model(folder: Path, dtype: mx.Dtype | None = None, progress: bool = True,
+def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
                max_memory: int | str | None = None, policy: str = DEFAULT_POLICY, prefetch: bool = True,
                context: int | None = None) -> Mixtral:
     """Build and fill the model, one layer at a time (peak memory ~ the model, not twice it).
@@ -120,6 +120,7 @@ def load_model(folder: Path, dtype: mx.Dtype | None = None, progress: bool = Tru
     loaded; experts are read from the files on demand into a cache that keeps the weights within
     that budget (see `expert_cache`). `context` sizes the KV cache `auto` leaves room for.
     """
+    folder = Path(folder)
     config = ModelConfig.from_file(folder / "config.json")
     ckpt = Checkpoint(folder)
     shapes = ckpt.mlx_shapes(config)

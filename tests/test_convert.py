@@ -234,6 +234,8 @@ def test_a_broken_checkpoint_is_one_line_and_nothing_written(how, message, hf_ch
     (["--dtype", "float64"], "--dtype float64: expected one of float16, bfloat16, float32"),
     (["-q", "--router-bits", "4"], "--router-bits 4: expected 8|float"),
     (["--embed-bits", "8"], "--embed-bits only applies with -q"),
+    (["--attention-bits", "8"], "--attention-bits only applies with -q"),
+    (["-q", "--attention-bits", "7"], "--attention-bits 7 is not supported; use one of 2, 3, 4, 5, 6, 8"),
     (["-q", "--dequantize"], "-q and --dequantize: choose one"),
     (["--dequantize"], "is not quantized; there is nothing to --dequantize"),
     (["--max-shard-size", "lots"], "--max-shard-size lots: expected a size like 5GB or 500MB"),
@@ -270,6 +272,23 @@ def test_python_dash_m_convert_writes_a_model_and_prints_a_summary(gqa, tmp_path
     assert proc.stdout.startswith(f"Wrote {tmp_path / 'out'}: ") and "bits per weight" in proc.stdout
     assert "peak memory" in proc.stdout and "router float, embeddings float, lm_head 8-bit" in proc.stdout
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]["model.embed_tokens"] is False
+
+
+def test_attention_can_take_more_bits_than_the_experts(gqa, tmp_path, capsys, hf_reference, mlx_lm_reference):
+    out = tmp_path / "q3a8"
+    assert main(["--hf-path", str(gqa), "--mlx-path", str(out), "-q", "--q-bits", "3", "--attention-bits", "8",
+                 "--q-group-size", "32", "--dtype", "float32"]) == 0
+    assert "3-bit, group size 32 (attention 8-bit, router float" in capsys.readouterr().out
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["bits"] == 3 and q["model.layers.1.self_attn.k_proj"] == {"group_size": 32, "bits": 8}
+    stored = _stored(out)
+    assert stored["model.layers.1.self_attn.o_proj.weight"] == ("U32", [64, 64 * 8 // 32])
+    assert stored["model.layers.1.block_sparse_moe.switch_mlp.up_proj.weight"] == ("U32", [8, 128, 64 * 3 // 32])
+    ours = _logits(load_model(out, progress=False))
+    np.testing.assert_allclose(mlx_lm_reference.logits(out, BATCH), ours, atol=1e-4)
+    all3 = convert(gqa, tmp_path / "q3", quantize=True, bits=3, group_size=32, dtype="float32", progress=False).path
+    reference = hf_reference.logits(gqa, BATCH)
+    assert _kl(reference, ours) < _kl(reference, _logits(load_model(all3, progress=False)))
 
 
 def test_mlx_mixtral_convert_reports_errors_in_one_line(tmp_path):

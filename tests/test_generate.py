@@ -10,7 +10,9 @@ from conftest import PROBE_TOKENS
 import mlx_mixtral
 from mlx_mixtral import MixtralError, SamplingParams
 from mlx_mixtral.generate import _stop_split
-from mlx_mixtral.sampling import apply_repetition_penalty, make_sampler
+from mlx_mixtral import conversation
+from mlx_mixtral.conversation import ChatSession, Settings
+from mlx_mixtral.sampling import REPETITION_WINDOW, apply_repetition_penalty, make_sampler
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,81 @@ def test_filters_restrict_the_support():
     assert _support(SamplingParams(temp=1.0, top_p=0.6), LOGITS) == {0, 1}  # .53 < .6 <= .73
     assert _support(SamplingParams(temp=1.0, min_p=0.2), LOGITS) == {0, 1, 2}  # >= .2 * .53
     assert _support(SamplingParams(temp=1.0, top_k=1), LOGITS) == {0}
+
+
+def _probs(logits: list[float], temp: float) -> np.ndarray:
+    z = np.array(logits) / temp
+    return np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+
+
+@pytest.mark.parametrize("temp", [0.5, 2.0])
+def test_temperature_divides_the_logits(temp):
+    """Sampled frequencies match softmax(logits / T); at T=0.5 token 0 has 83%, at T=2 36%."""
+    draws = 20000
+    mx.random.seed(1)
+    x = mx.broadcast_to(mx.array([LOGITS]), (draws, len(LOGITS)))
+    counts = np.bincount(np.array(make_sampler(SamplingParams(temp=temp))(x)), minlength=len(LOGITS))
+    expected = _probs(LOGITS, temp)
+    # binomial standard deviation at 20000 draws is at most 0.0035: 0.015 is > 4 of them
+    np.testing.assert_allclose(counts / draws, expected, atol=0.015)
+
+
+@pytest.mark.parametrize("temp,params,support", [
+    # T=0.5: probabilities .83 .11 .04 .015; T=1: .53 .20 .12 .07 .03; T=2: .36 .22 .17 .13 .08 .03
+    (0.5, dict(top_p=0.9), {0, 1}), (1.0, dict(top_p=0.9), {0, 1, 2, 3}), (2.0, dict(top_p=0.6), {0, 1, 2}),
+    (0.5, dict(min_p=0.1), {0, 1}), (1.0, dict(min_p=0.1), {0, 1, 2, 3}), (2.0, dict(min_p=0.1), {0, 1, 2, 3, 4}),
+])
+def test_top_p_and_min_p_apply_after_the_temperature(temp, params, support):
+    assert _support(SamplingParams(temp=temp, **params), LOGITS, draws=2000) == support
+
+
+def _penalised_greedy(model, context: list[int], n: int, penalty: float, eos: int) -> list[int]:
+    """An independent reference: recompute every step from scratch; penalise each distinct token
+    among the last REPETITION_WINDOW ids (prompt, earlier context and reply alike) as Hugging Face does."""
+    ids, out = list(context), []
+    for _ in range(n):
+        logits = np.array(model(mx.array([ids]))[0, -1].astype(mx.float32))
+        for t in set(ids[-REPETITION_WINDOW:]):
+            logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+        token = int(np.argmax(logits))
+        if token == eos:
+            break
+        ids.append(token)
+        out.append(token)
+    return out
+
+
+def test_repetition_penalty_over_a_long_reply_matches_a_full_recompute(tiny):
+    """The window slides past the prompt (80 ids) and the reply's own tokens join it."""
+    model, tokenizer = tiny
+    prompt = [1] + np.random.default_rng(3).integers(3, 500, 79).tolist()
+    penalty = 3.0
+    reply = [r.token for r in mlx_mixtral.stream_generate(
+        model, tokenizer, prompt, max_tokens=40, sampling=SamplingParams(repetition_penalty=penalty))]
+    plain = [r.token for r in mlx_mixtral.stream_generate(model, tokenizer, prompt, max_tokens=40)]
+    assert reply != plain  # the penalty changes this reply, so the comparison below means something
+    assert reply == _penalised_greedy(model, prompt, 40, penalty, tokenizer.eos_id)
+
+
+def test_repetition_penalty_in_a_chat_sees_the_earlier_turns(tiny, monkeypatch):
+    model, tokenizer = tiny
+    penalty = 3.0
+    session = ChatSession(model, tokenizer, Settings(SamplingParams(repetition_penalty=penalty), max_tokens=16))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs["history"]) + list(args[2]))
+        return real(*args, **kwargs)
+
+    real = conversation.stream_generate
+    monkeypatch.setattr(conversation, "stream_generate", spy)
+    for message in ("Tell me about the sea and the ships", "More"):
+        turn = session.start(message)
+        "".join(session.stream(turn))
+    assert seen[-1] == turn.prompt  # the penalty is told of everything the cache holds
+    # the cache held most of the prompt, so only the history brings it into the penalty's window
+    assert turn.fed + 10 < min(len(turn.prompt), REPETITION_WINDOW)
+    assert turn.last.tokens == _penalised_greedy(model, turn.prompt, 16, penalty, tokenizer.eos_id)
 
 
 def test_repetition_penalty_follows_hugging_face():
