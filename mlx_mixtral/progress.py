@@ -15,7 +15,7 @@ stderr_console = Console(stderr=True)
 def progress_bar(description: str, total: float, enabled: bool = True,
                  unit_column: bool = True) -> Iterator[Callable[..., None]]:
     """Yields `advance(n=1)`; draws a transient rich bar on stderr when `enabled` and interactive."""
-    if not enabled:
+    if not enabled or not stderr_console.is_terminal:  # a log file or pipe gets no stray blank line
         yield lambda n=1: None
         return
     columns = [TextColumn("{task.description}"), BarColumn()]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -158,3 +161,12 @@ def test_config_reads_every_field(hf_checkpoint_factory):
     cfg = ModelConfig.from_file(hf_checkpoint_factory("rope_theta") / "config.json")  # rope_parameters
     assert cfg.rope_theta == 1e4
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_the_suite_is_offline_whatever_the_caller_set():
+    """conftest forces HF_HUB_OFFLINE, also for a huggingface_hub imported before it."""
+    code = ("import huggingface_hub.constants as c, conftest, os; "
+            "print(c.HF_HUB_OFFLINE, os.environ['HF_HUB_OFFLINE'], os.environ['TRANSFORMERS_OFFLINE'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent, env=dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0"))
+    assert done.stdout.split() == ["True", "1", "1"], done.stderr

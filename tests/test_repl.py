@@ -6,9 +6,11 @@ Its replies are random text, but greedy (`--temp 0`) and long: it practically ne
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -30,6 +32,9 @@ PROMPT = r"(?m)^>>> "
 STAT = (r"prompt: (?P<new>\d+) new tokens?, [\d.]+ tok/s \| generation: (?P<gen>\d+) tokens?, [\d.]+ tok/s "
         r"\| context: (?P<ctx>\d+)/(?P<limit>\d+) tokens \| peak memory: [\d.]+ GB\n")
 UP = "\x1b[A"
+# Linux system calls a process waiting for terminal input sits in: read, poll, select, pselect6,
+# ppoll (Python's readline waits in select/pselect6).
+WAITING_SYSCALLS = {"x86_64": {0, 7, 23, 270, 271}, "aarch64": {63, 72, 73}}
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 
 
@@ -92,13 +97,42 @@ class Chat:
         return self.expect(STAT)
 
     def interrupt(self) -> None:
-        """Ctrl-C, a moment after the last output (as a person would press it).
+        """Ctrl-C once the chat waits for keys (at a prompt, or in a triple-quoted block).
 
         readline draws the prompt just before it waits for keys; a signal in between is only
-        noticed at the next key press.
+        noticed at the next key press. So wait until the process is blocked reading its
+        terminal, as the kernel reports it, rather than for a fixed time.
         """
-        time.sleep(0.2)
+        self._wait_for_keys()
         self.child.sendintr()
+
+    def interrupt_reply(self) -> None:
+        """Ctrl-C while a reply streams, however fast the machine: the process is stopped as
+        soon as the reply is seen, so it cannot finish before the signal arrives."""
+        os.kill(self.child.pid, signal.SIGSTOP)
+        try:
+            self.child.sendintr()
+        finally:
+            os.kill(self.child.pid, signal.SIGCONT)
+
+    def _wait_for_keys(self, timeout: float = 10) -> None:
+        numbers = WAITING_SYSCALLS.get(platform.machine())
+        syscall = Path(f"/proc/{self.child.pid}/syscall")
+        if numbers is None or not syscall.exists():  # no /proc (macOS): the fallback is a pause
+            time.sleep(0.5)
+            return
+        deadline = time.monotonic() + timeout
+        calm = 0
+        while time.monotonic() < deadline:
+            try:
+                current = syscall.read_text().split()[0]
+            except (OSError, IndexError):
+                current = ""
+            calm = calm + 1 if current.isdigit() and int(current) in numbers else 0
+            if calm >= 3:  # the same wait seen three times, 10 ms apart
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"the chat never waited for keys; screen:\n{self.screen[-2000:]}")
 
     def command(self, text: str, answer: str) -> re.Match:
         """Type `text` at the next prompt; the match of `answer` in what follows."""
@@ -219,7 +253,7 @@ def test_ctrl_c_stops_a_reply_keeps_it_and_the_chat_goes_on(chat, tmp_path):
     c.line("Tell me a long story")
     c.expect(r"Tell me a long story\n")
     c.expect(r"[^\n]{60}")  # the reply is streaming
-    c.interrupt()
+    c.interrupt_reply()
     c.expect(r"\n\[interrupted\]\n")
     cut = c.expect(STAT)
     assert 0 < int(cut["gen"]) < 2000 and int(cut["ctx"]) < 2000
@@ -314,6 +348,63 @@ def test_context_overflow_drops_oldest_exchanges(chat):
     c.command("/system", r"system text: Be kind\.")
     c.line("/exit")
     assert c.exits() == 0
+
+
+def test_a_reply_that_fills_the_context_says_so(chat):
+    c = chat("--temp", "0", "--max-tokens", "1000", "--max-context", "60")
+    c.line("Hi")
+    c.expect(r"\n\[stopped: the context is full\]\n")
+    full = c.expect(STAT)
+    assert int(full["ctx"]) >= 59 and int(full["gen"]) < 1000
+    after = c.say("Again")  # the next message still gets an answer: older exchanges make room
+    assert int(after["gen"]) > 0 and int(after["ctx"]) <= 60
+    c.line("/exit")
+    assert c.exits() == 0
+
+
+def test_ctrl_c_inside_a_block_discards_it_and_the_chat_goes_on(chat, tmp_path):
+    c = chat("--max-tokens", "3")
+    c.line('"""')
+    c.child.send("a secret draft\r")
+    c.expect(r"\.\.\. a secret draft")
+    c.interrupt()
+    stat = c.say("Hello")  # at the next prompt
+    assert "Quit?" not in c.screen and c.screen.count("prompt:") == 1  # nothing was sent, nothing asked
+    assert int(stat["ctx"]) < 30
+    c.command(f"/save {tmp_path / 'chat.json'}", r"saved 1 exchange")
+    c.line("/exit")
+    assert c.exits() == 0
+    messages = json.loads((tmp_path / "chat.json").read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello"]
+
+
+def test_no_history_mode_writes_no_history(model, tmp_path):
+    """MLX_MIXTRAL_HISTORY set to nothing keeps no history, not even in the cache folder."""
+    c = Chat(model, "--max-tokens", "2", env={"MLX_MIXTRAL_HISTORY": "", "XDG_CACHE_HOME": str(tmp_path),
+                                               "HOME": str(tmp_path)})
+    c.say("do not remember this")
+    c.line("/exit")
+    assert c.exits() == 0
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_control_characters_in_a_reply_cannot_reach_the_terminal(model, monkeypatch):
+    """A reply is model output: escape sequences, bells and backspaces in it are shown as U+FFFD."""
+    real = conversation.stream_generate
+
+    def hostile(*args, **kwargs):
+        for r in real(*args, **kwargs):
+            yield dataclasses.replace(r, text="\x1b[2J\x07" + r.text + "\x08\x9b")
+
+    screen = io.StringIO()
+    session = ChatSession(*mlx_mixtral.load(model, progress=False), Settings(max_tokens=2))
+    repl = Repl(Console(file=screen, width=200), session, reader=None, model_name="tiny")
+    monkeypatch.setattr(conversation, "stream_generate", hostile)
+    repl.handle("Hello")
+    shown = screen.getvalue()
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", shown)
+    assert shown.count("\ufffd[2J\ufffd") == 2 and "\ufffd\ufffd" in shown
+    assert session.conversation.exchanges[0].reply.startswith("\x1b[2J")  # kept as the model said it
 
 
 def test_quitting(chat):
