@@ -69,8 +69,11 @@ def safetensors_files(folder: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MixtralError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise MixtralError(f"{index}: not a valid safetensors index (no weight_map of tensor names to "
+                               "files); download it again") from None
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.exists():

@@ -517,20 +517,22 @@ class HFReference:
 
 
 class MlxLmConverter:
-    """Callable ``(hf_path, quantize=False, bits=4, group_size=32, dtype="float32") -> Path``."""
+    """Callable ``(hf_path, quantize=False, bits=4, group_size=32, dtype="float32", recipe=None) -> Path``;
+    ``recipe`` is one of mlx-lm's mixed-bit ``--quant-predicate`` recipes (e.g. ``mixed_3_6``)."""
 
     def __init__(self, root: Path):
         self.root = root
         self._cache: dict[tuple, Path] = {}
 
     def __call__(
-        self, hf_path: Path, quantize: bool = False, bits: int = 4, group_size: int = 32, dtype: str = "float32"
+        self, hf_path: Path, quantize: bool = False, bits: int = 4, group_size: int = 32, dtype: str = "float32",
+        recipe: str | None = None,
     ) -> Path:
         hf_path = Path(hf_path)
-        key = (hf_path, bool(quantize), bits if quantize else None, group_size if quantize else None, dtype)
+        key = (hf_path, bool(quantize), bits if quantize else None, group_size if quantize else None, dtype, recipe)
         if key in self._cache:
             return self._cache[key]
-        tag = f"q{bits}g{group_size}" if quantize else "fp"
+        tag = (f"q{bits}g{group_size}" + (f"-{recipe}" if recipe else "")) if quantize else "fp"
         out = self.root / f"{hf_path.name}-{tag}-{dtype}"
         if out.exists():
             shutil.rmtree(out)
@@ -539,6 +541,8 @@ class MlxLmConverter:
             cmd += ["--dtype", dtype]
         if quantize:
             cmd += ["-q", "--q-bits", str(bits), "--q-group-size", str(group_size)]
+            if recipe:
+                cmd += ["--quant-predicate", recipe]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import PROBE_TOKENS
@@ -57,6 +58,56 @@ def test_loads_what_mlx_lm_convert_writes(quantize, hf_checkpoint_factory, mlx_l
     ours = np.array(model(mx.array([PROBE_TOKENS])))
     ref = mlx_lm_reference.logits(path, [PROBE_TOKENS])
     assert np.abs(ours - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("recipe,group_size", [("mixed_3_6", 32), (None, 128)])
+def test_loads_mlx_lm_mixed_recipes_and_float_misfits(recipe, group_size, hf_checkpoint_factory, mlx_lm_converted,
+                                                      mlx_lm_reference):
+    """mlx-lm's per-layer `quantization` entries (its mixed recipes), and layers it left float
+    because their width (64) is not a multiple of the group size (128)."""
+    path = mlx_lm_converted(hf_checkpoint_factory("gqa"), quantize=True, bits=4, group_size=group_size, recipe=recipe)
+    q = json.loads((path / "config.json").read_text())["quantization"]
+    model, _ = mlx_mixtral.load(path, progress=False)
+    if recipe:
+        widths = {v["bits"] for v in q.values() if isinstance(v, dict)}
+        assert {3, 6} <= widths  # really mixed
+        bits = {m.bits for _, m in model.named_modules() if hasattr(m, "bits")}
+        assert {3, 6} <= bits
+    else:
+        assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)  # input 64: float
+        assert model.layers[0].block_sparse_moe.switch_mlp.down_proj.bits == 4  # input 128: quantized
+    ours = np.array(model(mx.array([PROBE_TOKENS])))
+    assert np.abs(ours - mlx_lm_reference.logits(path, [PROBE_TOKENS])).max() < 1e-4
+
+
+def test_mixed_bit_widths_are_inferred_from_shapes(hf_checkpoint_factory, tmp_path):
+    """A folder whose config states only the default bits: each layer's width comes from its shapes."""
+    from convert.convert import convert
+
+    out = convert(hf_checkpoint_factory("gqa"), tmp_path / "q4a8", quantize=True, bits=4, attention_bits=8,
+                  group_size=32, dtype="float32", progress=False).path
+    reference = np.array(mlx_mixtral.load(out, progress=False)[0](mx.array([PROBE_TOKENS])))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization"] = {k: v for k, v in cfg["quantization"].items() if k in ("bits", "group_size", "mode")}
+    (out / "config.json").write_text(json.dumps(cfg))
+    model, _ = mlx_mixtral.load(out, progress=False)
+    assert model.layers[1].self_attn.v_proj.bits == 8 and model.layers[1].block_sparse_moe.switch_mlp.up_proj.bits == 4
+    assert model.layers[0].block_sparse_moe.gate.weight.dtype == mx.float32  # the float router too
+    np.testing.assert_array_equal(np.array(model(mx.array([PROBE_TOKENS]))), reference)
+
+
+def test_tied_embeddings_quantized(hf_checkpoint_factory, hf_reference, mlx_lm_reference, tmp_path):
+    from convert.convert import convert
+
+    src = hf_checkpoint_factory("tied")
+    out = convert(src, tmp_path / "tied-q8", quantize=True, bits=8, group_size=32, dtype="float32", progress=False).path
+    assert not any("lm_head" in k for f in out.glob("*.safetensors") for k in mx.load(str(f)))
+    model, _ = mlx_mixtral.load(out, progress=False)
+    assert model.model.embed_tokens.bits == 8
+    ours = np.array(model(mx.array([PROBE_TOKENS])))
+    np.testing.assert_allclose(ours, mlx_lm_reference.logits(out, [PROBE_TOKENS]), atol=1e-4)
+    ref = hf_reference.logits(src, [PROBE_TOKENS])
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
 def test_loads_mlx_lm_bfloat16_scales_as_float32_on_cpu(hf_checkpoint_factory, mlx_lm_converted):
@@ -139,6 +190,27 @@ def test_fewer_layers_in_weights_than_config(broken):
     folder = broken(1)
     _edit_config(folder, num_hidden_layers=3)
     assert "model.layers.2" in _load_error(folder)
+
+
+def test_more_layers_in_weights_than_config(broken):
+    folder = broken(1)
+    _edit_config(folder, num_hidden_layers=1)
+    message = _load_error(folder)
+    assert "unexpected tensor model.layers.1." in message and "config.json" in message
+
+
+def test_fewer_experts_in_weights_than_config(broken):
+    folder = broken(1)
+    _edit_config(folder, num_local_experts=16)
+    message = _load_error(folder)
+    assert "model.safetensors" in message and ("experts.8" in message or "shape" in message)
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"weight_map": 3}', '{"metadata": {}}'])
+def test_broken_index_json(broken, damage):
+    folder = broken()
+    (folder / "model.safetensors.index.json").write_text(damage)
+    assert "model.safetensors.index.json" in _load_error(folder)
 
 
 def test_missing_tokenizer(broken):
