@@ -99,6 +99,92 @@ def test_float_conversion_is_exact_and_sharded(gqa, tmp_path, hf_reference):
     assert np.abs(_logits(model) - hf_reference.logits(gqa, BATCH)).max() < 1e-4
 
 
+@pytest.mark.parametrize("variant", ["mha", "tied", "head_dim", "sliding_window", "experts4_top1", "experts6_top3"])
+def test_every_fixture_variant_converts_exactly(variant, hf_checkpoint_factory, tmp_path, hf_reference):
+    src = hf_checkpoint_factory(variant)
+    out = convert(src, tmp_path / variant, dtype="float32", progress=False).path
+    model, _ = mlx_mixtral.load(out, progress=False)
+    tokens = [PROBE_TOKENS + PROBE_TOKENS[1:]]  # 33 tokens: past the 16-token sliding window
+    np.testing.assert_allclose(_logits(model, tokens), hf_reference.logits(src, tokens), atol=1e-4)
+    # quantized: close to transformers, and closer at 8 bits than at 4 (random tiny models quantize
+    # unevenly: top-1 routing flips whole experts, so no one absolute bound fits every variant)
+    reference = hf_reference.logits(src, tokens)
+    kl = {bits: _kl(reference, _logits(load_model(convert(
+        src, tmp_path / f"{variant}-q{bits}", quantize=True, bits=bits, group_size=32, dtype="float32",
+        progress=False).path, progress=False), tokens)) for bits in (8, 4)}
+    assert kl[8] < 0.4 and kl[8] < kl[4] / 2, kl
+
+
+def test_float16_router_8_bit_lm_head_4_bit_and_sizes_through_the_cli(gqa, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--hf-path", str(gqa), "--mlx-path", str(out), "-q", "--q-group-size", "32", "--dtype", "float16",
+                 "--router-bits", "8", "--lm-head-bits", "4", "--max-shard-size", "2.5MB"]) == 0
+    assert "router 8-bit, embeddings 8-bit, lm_head 4-bit), float16" in capsys.readouterr().out
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["model.layers.0.block_sparse_moe.gate"] == {"group_size": 32, "bits": 8}
+    assert "lm_head" not in q and q["model.embed_tokens"] == {"group_size": 32, "bits": 8}  # 4: the default
+    stored = _stored(out)
+    assert stored["model.layers.0.block_sparse_moe.gate.weight"] == ("U32", [8, 64 * 8 // 32])
+    assert stored["lm_head.weight"] == ("U32", [32000, 64 * 4 // 32])
+    assert stored["model.norm.weight"][0] == "F16" and stored["lm_head.scales"][0] == "F16"
+    shards = list(out.glob("*.safetensors"))
+    assert len(shards) >= 3 and all(f.stat().st_size <= 2_500_000 + 10**5 or len(read_header(f)) == 1 for f in shards)
+
+
+@pytest.mark.parametrize("text,size", [("500MB", 500 * 10**6), ("2.5GB", 2_500_000_000), ("5gb", 5 * 10**9),
+                                       ("123", 123), ("1.5 KB", 1500)])
+def test_shard_sizes_parse_in_decimal_units(text, size):
+    from convert.__main__ import parse_size
+
+    assert parse_size(text) == size
+
+
+def test_dequantize_our_mixed_output_through_the_cli(gqa, tmp_path, capsys, hf_reference):
+    mixed, back = tmp_path / "mixed", tmp_path / "back"
+    assert main(["--hf-path", str(gqa), "--mlx-path", str(mixed), "-q", "--q-bits", "8", "--q-group-size", "32",
+                 "--embed-bits", "float", "--lm-head-bits", "4", "--dtype", "float32"]) == 0
+    assert main(["--hf-path", str(mixed), "--mlx-path", str(back), "--dequantize"]) == 0
+    assert "quantization" not in json.loads((back / "config.json").read_text())
+    stored = _stored(back)
+    assert not [k for k in stored if k.endswith((".scales", ".biases"))]
+    assert stored["lm_head.weight"] == ("F32", [32000, 64])
+    np.testing.assert_allclose(_logits(load_model(back, progress=False)), _logits(load_model(mixed, progress=False)),
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("what", ["file", "symlink"])
+def test_force_onto_a_file_or_a_symlink(what, gqa, tmp_path):
+    dst = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    if what == "file":
+        dst.write_text("not a model")
+    else:
+        dst.symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(MixtralError, match="already exists"):
+        convert(gqa, dst, progress=False)
+    convert(gqa, dst, force=True, dtype="float32", progress=False)
+    assert dst.is_dir() and not dst.is_symlink() and (dst / "config.json").is_file()
+    assert (elsewhere / "keep.txt").read_text() == "mine"  # what a link pointed to is not touched
+
+
+def test_a_failure_after_force_keeps_the_old_destination(gqa, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    convert(gqa, dst, dtype="float32", progress=False)
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "save_shard", full_disk) if hasattr(writer, "save_shard") else None
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    with pytest.raises((MixtralError, OSError)):
+        convert(gqa, dst, force=True, quantize=True, progress=False)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_bfloat16_sharded_source_stays_bfloat16(hf_checkpoint_factory, tmp_path, hf_reference):
     src = hf_checkpoint_factory("gqa", dtype="bfloat16", shards=3)
     out = convert(src, tmp_path / "out", progress=False).path  # default dtype: the source's
