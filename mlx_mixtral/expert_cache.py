@@ -33,7 +33,10 @@ from .expert_store import ExpertStore
 from .routing import RoutingLog
 
 POLICIES = ("lru", "lfu")
-DEFAULT_POLICY = "lfu"  # measured: 87.8% hits against LRU's 75.0% at 10 and 14 GB (benchmarks/RESULTS.md)
+# Measured (benchmarks/RESULTS.md): 87.8% hits against LRU's 75.0% on the full-shape random model
+# at 10 and 14 GB; 63.7% against 60.8% (25% of the experts cached) and 87.2% against 85.2% (50%)
+# on the trained model with prefetch. Without prefetch LRU does as well or better.
+DEFAULT_POLICY = "lfu"
 READERS = 4  # reads in flight at once: SSDs need a queue to reach their bandwidth
 # MLX keeps freed buffers for reuse; the evicted experts' would pile up outside the budget
 # (measured at 6 GB: peak RSS 7.66 GB, 6.15 GB with this cap). A few experts' worth is reused.
