@@ -139,8 +139,11 @@ def test_no_prompt_at_a_terminal_is_one_line(model_path):
 
 
 def test_ctrl_c_mid_generation_exits_130_with_one_line(model_path):
+    # a suite started in the background (`nohup`, `cmd &`) has SIGINT ignored, which a child would
+    # inherit: give it the default disposition, as a terminal's shell does
     proc = subprocess.Popen([sys.executable, "-m", "mlx_mixtral.cli", *_raw(model_path, "--max-tokens", "400")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.read(1)  # generation has begun
         os.kill(proc.pid, signal.SIGSTOP)  # so it cannot finish first, however fast the machine

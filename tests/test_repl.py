@@ -446,6 +446,15 @@ def test_bad_arguments_are_one_line_errors(args, message):
 def test_ctrl_c_before_the_first_token_drops_the_message(model, monkeypatch):
     """A real SIGINT while the prompt is being prefilled (too quick to hit from outside on a tiny
     model, so this runs the REPL in-process): the message is dropped and the chat goes on."""
+    # as in a terminal, even when the suite was started with SIGINT ignored (`nohup`, `cmd &`)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_the_prefill(model, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _interrupt_the_prefill(model, monkeypatch) -> None:
     real = conversation.stream_generate
 
     def interrupted_prefill(*args, **kwargs):
