@@ -61,13 +61,13 @@ def decode(folder: Path, tokens: np.ndarray, budget: int, policy: str, prefetch:
         cache.close()
 
 
-def budget_for(folder: Path, slots: int) -> int:
-    """The --max-memory that leaves exactly `slots` experts' worth of cache (resident and read
-    buffers as `load_model` plans them)."""
+def budgets_for(folder: Path, slot_counts: list[int]) -> dict[int, int]:
+    """The --max-memory that leaves exactly n experts' worth of cache, for each n (resident and
+    read buffers as `load_model` plans them)."""
     model = load_model(folder, progress=False, max_memory=10**12)
     p = model.expert_cache.plan
     model.expert_cache.close()
-    return p.resident + p.staging + slots * p.expert_bytes
+    return {n: p.resident + p.staging + n * p.expert_bytes for n in slot_counts}
 
 
 def belady(requests: list[tuple[int, list[int]]], slots: int) -> float:
@@ -107,8 +107,7 @@ def routing_trace(folder: Path, tokens: np.ndarray) -> list[tuple[int, list[int]
 def measure(name: str, folder: Path, tokens: np.ndarray, slot_counts: list[int]) -> list[dict]:
     trace = routing_trace(folder, tokens)
     rows = []
-    for slots in slot_counts:
-        budget = budget_for(folder, slots)
+    for slots, budget in budgets_for(folder, slot_counts).items():
         row = {"model": name, "slots": slots, "belady": belady(trace, slots)}
         for policy in POLICIES:
             for prefetch in (True, False):

@@ -62,6 +62,7 @@ CONFIG = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=896, n
 GAIN = {"router": 4.0, "lm_head": 4.0, "embed": 1.0, "attention": 0.5, "body": 0.5}
 GROUP_SIZE = 64
 F = None  # float
+CHUNK = 8  # held-out windows per forward pass with --trained
 
 
 def variants(bits: int) -> list[tuple[str, dict]]:
@@ -145,20 +146,26 @@ def trained_rows() -> list[tuple[str, dict | None]]:
     return rows
 
 
+def perplexity(logps: list[np.ndarray], windows: np.ndarray) -> float:
+    """exp(mean negative log-likelihood) of each window's next tokens, from per-chunk log-probabilities."""
+    targets = [windows[i:i + CHUNK, 1:, None] for i in range(0, len(windows), CHUNK)]
+    nll = np.concatenate([-np.take_along_axis(lp, t, -1).ravel() for lp, t in zip(logps, targets)])
+    return float(np.exp(nll.astype(np.float64).mean()))
+
+
 def evaluate(model: nn.Module, windows: np.ndarray, ref: list | None = None) -> tuple[dict, list]:
     """Held-out perplexity of `model` on `windows` [N, L + 1] and, against `ref` (the float model's
-    chunks from an earlier call), KL, top-1 agreement and expert sets changed. Run in chunks of 8
-    windows so only one chunk's [8, L, 32000] log-probabilities are alive at a time, besides `ref`."""
-    chunks, nll, stats = [], [], []
-    for n, i in enumerate(range(0, len(windows), 8)):
-        x = windows[i:i + 8]
-        out = run_model(model, mx.array(x[:, :-1]))
-        nll.append(-np.take_along_axis(out[0], x[:, 1:, None], -1).astype(np.float64))
+    chunks from an earlier call), KL, top-1 agreement and expert sets changed. Run in chunks of
+    CHUNK windows so the graph of one forward pass stays small."""
+    chunks, logps, stats = [], [], []
+    for n, i in enumerate(range(0, len(windows), CHUNK)):
+        out = run_model(model, mx.array(windows[i:i + CHUNK, :-1]))
+        logps.append(out[0])
         if ref is None:
             chunks.append(out)
         else:
             stats.append(compare(ref[n], out))
-    result = {"perplexity": float(np.exp(np.concatenate(nll).mean()))}
+    result = {"perplexity": perplexity(logps, windows)}
     if stats:
         result.update(zip(("kl", "top1", "changed"), np.mean(stats, axis=0)))
     return result, chunks
@@ -171,8 +178,8 @@ def transformers_logp(folder: Path, windows: np.ndarray) -> list[np.ndarray]:
 
     model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        return [torch.log_softmax(model(input_ids=torch.from_numpy(windows[i:i + 8, :-1])).logits, -1).numpy()
-                for i in range(0, len(windows), 8)]
+        return [torch.log_softmax(model(input_ids=torch.from_numpy(windows[i:i + CHUNK, :-1])).logits, -1).numpy()
+                for i in range(0, len(windows), CHUNK)]
 
 
 def main_trained(out: Path, count: int, length: int) -> None:
@@ -188,8 +195,7 @@ def main_trained(out: Path, count: int, length: int) -> None:
         convert(src, work / "float32", dtype="float32", progress=False)
         ours, ref = evaluate(load_model(work / "float32", progress=False), windows)
         theirs = transformers_logp(src, windows)
-        hf_ppl = float(np.exp(np.mean([-np.take_along_axis(lp, windows[i * 8:i * 8 + 8, 1:, None], -1)
-                                       .astype(np.float64).mean() for i, lp in enumerate(theirs)])))
+        hf_ppl = perplexity(theirs, windows)
         gap = max(float(np.abs(lp - r[0]).max()) for lp, r in zip(theirs, ref))
         del theirs
         print(f"cross-check on {windows.size - len(windows)} held-out tokens of {src}: perplexity "

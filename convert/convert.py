@@ -94,8 +94,8 @@ def convert(
 
     `quantize` applies a `QuantPolicy` (bits/group_size for experts and attention, their own
     precision for router, embeddings and lm_head, None meaning float; `attention_bits` None
-    means as `bits`); `dequantize` turns a quantized MLX folder back into float. `dtype` (default: the source's) is that of float
-    weights and of quantization scales and biases.
+    means as `bits`); `dequantize` turns a quantized MLX folder back into float. `dtype`
+    (default: the source's) is that of float weights and of quantization scales and biases.
     """
     start = time.perf_counter()
     if quantize and dequantize:

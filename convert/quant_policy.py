@@ -2,8 +2,9 @@
 
 Experts and attention hold 99.4% of Mixtral's parameters, so they get the requested bits: that is
 where the memory goes. Attention (2.9% of the parameters, but every token passes through all of
-it) may take more bits than the experts (`attention_bits`), the recipe for 3-bit experts. Three small kinds of weights have their own precision, because the bytes
-they would save are few and the error they would add is not:
+it) may take more bits than the experts (`attention_bits`), the recipe for 3-bit experts. Three
+small kinds of weights have their own precision, because the bytes they would save are few and
+the error they would add is not:
 
 - the router gate (8 x 4096 per layer, 0.002% of the parameters) picks each token's experts; its
   error sends tokens to other experts, which no later layer can undo. Kept in float: that costs
