@@ -9,11 +9,15 @@ The public API, which our own CLI, chat REPL and benchmark use too:
 
     cache = mlx_mixtral.make_cache(model)
     logits = model(mx.array([ids]), cache=cache)   # [batch, length, vocab]
+
+    cache = mlx_mixtral.make_cache(model, mlx_mixtral.kv_format(bits=8))  # quantized keys/values
+    mlx_mixtral.generate(model, tokenizer, ids, cache=cache)
 """
 
 from .cache import make_cache
 from .errors import MixtralError
 from .generate import GenerationResponse, generate, stream_generate
+from .kv_format import kv_format
 from .loading import load
 from .sampling import SamplingParams
 
@@ -22,6 +26,7 @@ __all__ = [
     "MixtralError",
     "SamplingParams",
     "generate",
+    "kv_format",
     "load",
     "make_cache",
     "stream_generate",

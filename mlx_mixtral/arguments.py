@@ -1,4 +1,4 @@
-"""Flags and error handling shared by every front door (`generate`, `chat`, `convert`).
+"""Flags and error handling shared by every front door (`generate`, `chat`, `cache-prompt`, `convert`).
 
 One module both the CLI and the REPL import, so neither imports the other. Every user-fixable
 error ends as one line on stderr and a non-zero exit status; set MLX_MIXTRAL_DEBUG=1 to see the
@@ -24,7 +24,7 @@ DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Which model, and how much memory it may take (`generate`, `chat`)."""
+    """Which model, how much memory it may take, how its KV cache is stored (`generate`, `chat`, ...)."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model folder or Hugging Face repo id (default: %(default)s)")
     parser.add_argument("--max-memory", default=None, metavar="SIZE|auto",
@@ -36,6 +36,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "(lru) used (default: %(default)s, the faster in benchmarks/RESULTS.md)")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="streaming: do not read the next layer's likely experts ahead")
+    add_kv_args(parser)
+
+
+def add_kv_args(parser: argparse.ArgumentParser) -> None:
+    """How the KV cache stores keys and values (`generate`, `chat`, `cache-prompt`)."""
+    from .kv_format import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES
+
+    parser.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                        help="store the KV cache quantized to this many bits (default: float); "
+                             "8 takes 53%% of a float16 cache, 4 takes 28%%")
+    parser.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=None,
+                        help=f"values per quantization group of --kv-bits (default: {DEFAULT_KV_GROUP_SIZE})")
+
+
+def kv_from_args(args: argparse.Namespace, head_dim: int | None = None):
+    """The KV format the flags ask for (`kv_format.FLOAT` without --kv-bits)."""
+    from .kv_format import kv_format
+
+    return kv_format(args.kv_bits, args.kv_group_size, head_dim)
 
 
 def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
@@ -52,13 +71,14 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     folder = resolve(args.model)
     tokenizer = Tokenizer.from_folder(folder)
     tokens = context(tokenizer)
+    kv = kv_from_args(args)
     if max_memory is None:
-        fits, why = would_fit(folder, tokens)
+        fits, why = would_fit(folder, tokens, kv)
         if not fits:
             note(f"{why}: streaming experts from disk with --max-memory auto")
             max_memory = AUTO
     model = load_model(folder, progress=True, max_memory=max_memory, policy=args.cache_policy,
-                       prefetch=not args.no_prefetch, context=tokens)
+                       prefetch=not args.no_prefetch, context=tokens, kv=kv)
     cache = getattr(model, "expert_cache", None)
     if cache is not None:
         for line in cache.plan.notes:

@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .device import compute_dtype, metal_available
 from .errors import MixtralError
 from .expert_store import is_expert_tensor, memory_dtype
+from .kv_format import FLOAT, KVFormat
 
 AUTO = "auto"
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -66,18 +67,20 @@ def machine_memory() -> tuple[int, str]:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical RAM"
 
 
-def kv_cache_bytes(config: ModelConfig, positions: int, itemsize: int | None = None) -> int:
-    """Keys and values of every layer for `positions` positions (default itemsize: what a
-    half-precision checkpoint computes in here)."""
+def kv_cache_bytes(config: ModelConfig, positions: int, itemsize: int | None = None,
+                   fmt: KVFormat = FLOAT) -> int:
+    """Keys and values of every layer for `positions` positions, stored in `fmt` (default
+    itemsize, of floats or of quantization scales: what a half-precision checkpoint computes in here)."""
     itemsize = itemsize or compute_dtype(mx.float16).size
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * itemsize * positions
+    per_position = fmt.bytes_per_position(config.num_key_value_heads, config.head_dim, itemsize)
+    return config.num_hidden_layers * per_position * positions
 
 
-def auto_budget(config: ModelConfig, context: int | None = None) -> tuple[int, str]:
+def auto_budget(config: ModelConfig, context: int | None = None, fmt: KVFormat = FLOAT) -> tuple[int, str]:
     """The budget `--max-memory auto` picks, and how it was reached (one phrase)."""
     have, source = machine_memory()
     tokens = min(context or config.max_position_embeddings, config.max_position_embeddings)
-    kv = kv_cache_bytes(config, tokens)
+    kv = kv_cache_bytes(config, tokens, fmt=fmt)
     margin = int(have * MARGIN_FRACTION) + MARGIN_BYTES
     budget = have - kv - margin
     how = (f"{gb(have)} {source} - {gb(kv)} KV cache for {tokens} tokens - {gb(margin)} margin")

@@ -12,6 +12,7 @@ wants and mlx-lm writes. Folders already in MLX layout pass through unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -29,6 +30,7 @@ _HF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _PARTS = ("weight", "scales", "biases")
 # Buffers some checkpoints carry that are not weights (RoPE frequencies, recomputed from rope_theta).
 BUFFERS = ("rotary_emb.inv_freq",)
+_FINGERPRINT_SAMPLES, _FINGERPRINT_SAMPLE_BYTES = 16, 4096
 
 
 def read_header(path: Path) -> dict:
@@ -113,6 +115,25 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+    def fingerprint(self) -> str:
+        """A short digest that tells these exact weights apart from others, read in milliseconds:
+        config.json, and for each weights file its name, size, header and a few samples of its
+        bytes (a re-conversion or other weights of the same shapes differ there). Hashing 26 GB of
+        weights to be certain would take a minute; saved KV caches only need to refuse the wrong model."""
+        digest = hashlib.sha256()
+        config = self.folder / "config.json"
+        digest.update(config.read_bytes() if config.is_file() else b"")
+        for f in self.files:
+            size, start = f.stat().st_size, self._data_start[f]
+            digest.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                digest.update(fh.read(start))
+                data = size - start
+                for i in range(_FINGERPRINT_SAMPLES):
+                    fh.seek(start + data * i // _FINGERPRINT_SAMPLES)
+                    digest.update(fh.read(_FINGERPRINT_SAMPLE_BYTES))
+        return digest.hexdigest()[:32]
 
     def names(self) -> list[str]:
         return list(self._where)

@@ -1,4 +1,4 @@
-"""`mlx-mixtral generate | chat | convert`: the command-line front doors.
+"""`mlx-mixtral generate | chat | cache-prompt | convert`: the command-line front doors.
 
 Every user-fixable error ends as one line on stderr and a non-zero exit status (`run_main`, in
 `arguments`); set MLX_MIXTRAL_DEBUG=1 to see the traceback of an unexpected one.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .arguments import add_model_args, add_sampling_args, load_from_args, run_main, sampling_from_args
 from .errors import MixtralError
@@ -28,19 +29,37 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import mlx_mixtral
 
+    from .cache import make_cache
+    from .arguments import kv_from_args
+
     sampling = sampling_from_args(args)
     prompt = _read_prompt(args)
+    system = args.system
+    if args.prompt_cache is not None:  # continue the cached text: encode the whole, reuse its prefix
+        from . import prompt_cache
+
+        saved = prompt_cache.peek(args.prompt_cache)
+        if saved.get("mode") != ("raw" if args.raw else "chat"):
+            raise MixtralError(f"{args.prompt_cache} was cached {'with' if args.raw else 'without'} the chat "
+                               f"template: {'leave out' if args.raw else 'add'} --raw")
+        prompt = saved.get("text", "") + prompt
+        if system is None:
+            system = saved.get("system")
 
     def encode(tokenizer) -> list[int]:
-        if args.raw:
-            return tokenizer.encode(prompt)
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages)
+        return _encode(tokenizer, prompt, args.raw, system)
 
     note = lambda line: print(line, file=sys.stderr)  # noqa: E731
     model, tokenizer = load_from_args(args, note, context=lambda t: len(encode(t)) + args.max_tokens)
     tokens = encode(tokenizer)
+    fed, history, reused = tokens, [], 0
+    if args.prompt_cache is not None:
+        asked = kv_from_args(args) if args.kv_bits is not None else None
+        cached, _ = prompt_cache.load(args.prompt_cache, model, tokenizer, asked)
+        fed = cached.prepare(tokens)
+        cache, history, reused = cached.cache, cached.ids, len(cached.ids)
+    else:
+        cache = make_cache(model, kv_from_args(args))
     streaming = getattr(model, "expert_cache", None)
     if streaming is not None:
         streaming.reset_stats()
@@ -52,15 +71,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         log.reset()
     last = None
     for last in mlx_mixtral.stream_generate(
-        model, tokenizer, tokens, max_tokens=args.max_tokens, sampling=sampling,
-        seed=args.seed, stop=args.stop or (),
+        model, tokenizer, fed, max_tokens=args.max_tokens, sampling=sampling,
+        seed=args.seed, stop=args.stop or (), cache=cache, history=history,
     ):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.verbose and last is not None:
+        from_cache = f" (+{reused} from the prompt cache)" if args.prompt_cache is not None else ""
         print(
-            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+            f"prompt: {last.prompt_tokens} tokens{from_cache}, {last.prompt_tps:.1f} tok/s | "
             f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
             f"peak memory: {last.peak_memory_gb:.2f} GB | finish: {last.finish_reason}",
             file=sys.stderr,
@@ -80,6 +100,61 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode(tokenizer, text: str, raw: bool, system: str | None) -> list[int]:
+    """`text` as `generate` feeds it: plain (with BOS) when `raw`, else as one user message."""
+    if raw:
+        return tokenizer.encode(text)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    return tokenizer.apply_chat_template(messages)
+
+
+def cmd_cache_prompt(args: argparse.Namespace) -> int:
+    """Prefill a prompt once and save its KV state, for `generate --prompt-cache`."""
+    import time
+
+    from . import prompt_cache
+    from .arguments import kv_from_args
+    from .budget import gb
+    from .generate import prefill
+    from .progress import progress_bar
+
+    path = Path(args.prompt_file).expanduser()
+    try:
+        text = sys.stdin.read() if args.prompt_file == "-" else path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MixtralError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise MixtralError(f"cannot read {path}: {e.strerror or e}") from None
+    if not text:
+        raise MixtralError(f"{args.prompt_file} is empty: there is nothing to cache")
+    if args.system and not args.chat:
+        raise MixtralError("--system needs --chat (plain text has no system message)")
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise MixtralError(f"--out {out} is a folder; give the file to write")
+    note = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    model, tokenizer = load_from_args(args, note, context=lambda t: len(_encode(t, text, not args.chat, args.system)))
+    tokens = _encode(tokenizer, text, not args.chat, args.system)
+    limit = model.config.max_position_embeddings
+    if len(tokens) >= limit:
+        raise MixtralError(f"{args.prompt_file} takes {len(tokens)} tokens, which leaves no room to continue "
+                           f"in the context of {limit} tokens; shorten it")
+    cached = prompt_cache.PromptCache(model, kv_from_args(args, model.config.head_dim))
+    start = time.perf_counter()
+    with progress_bar("Prefilling", total=len(tokens)) as advance:
+        prefill(model, tokens, cached.cache, progress=advance)
+    cached.ids = tokens
+    seconds = time.perf_counter() - start
+    extra = {"mode": "chat" if args.chat else "raw", "text": text}
+    if args.chat and args.system:
+        extra["system"] = args.system
+    prompt_cache.save(out, cached, tokenizer, extra)
+    note(f"cached {len(tokens)} tokens ({gb(cached.nbytes)}, {cached.format.describe()} KV) in "
+         f"{seconds:.1f} s ({len(tokens) / seconds:.1f} tok/s) to {out}")
+    return 0
+
+
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer one prompt, streamed to stdout",
                        description="Stream Mixtral's answer to one prompt to stdout.")
@@ -87,12 +162,29 @@ def _generate_parser(sub) -> None:
     p.add_argument("--prompt", "-p", default=None, help="the prompt; '-' or omitted reads stdin")
     p.add_argument("--system", default=None, help="system text (chat mode only)")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="continue the text saved by cache-prompt: the prompt is appended to it, and the "
+                        "cached keys/values are reused up to where the two encodings differ")
     p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
     p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory (and streaming) to stderr")
     p.add_argument("--show-experts", action="store_true",
                    help="draw which experts each layer used (a heatmap on stderr)")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _cache_prompt_parser(sub) -> None:
+    p = sub.add_parser("cache-prompt", help="prefill a prompt once and save its KV cache to a file",
+                       description="Prefill a long prompt once and save its KV cache; "
+                                   "`generate --prompt-cache FILE` then continues it without the prefill.")
+    add_model_args(p)
+    p.add_argument("--prompt-file", required=True, help="the text to cache ('-' reads stdin)")
+    p.add_argument("--out", required=True, help="the cache file to write (replaced atomically)")
+    p.add_argument("--chat", action="store_true",
+                   help="cache the text as the start of a user message (for generate without --raw); "
+                        "default: plain text, as generate --raw encodes it")
+    p.add_argument("--system", default=None, help="system text (with --chat)")
+    p.set_defaults(func=cmd_cache_prompt)
 
 
 def _chat_parser(sub) -> None:
@@ -118,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _chat_parser(sub)
+    _cache_prompt_parser(sub)
     _convert_parser(sub)
     args = parser.parse_args(argv)
     return run_main(lambda: args.func(args))

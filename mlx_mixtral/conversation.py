@@ -5,9 +5,8 @@ The invariant this module keeps: the model always sees exactly
 scratch, while each turn computes only the tokens that are new. Replies are stored as text and
 the conversation is re-encoded every turn, because re-encoding a reply need not give back the ids
 that were generated (and an interrupted reply gets no EOS while generating, but one once stored).
-So `PromptCache` remembers which ids its KV cache holds, and for a new prompt keeps the longest
-common prefix, trims the rest (or starts afresh where a sliding-window cache cannot trim that far
-back) and feeds only the remainder.
+So a `PromptCache` (see `prompt_cache`) remembers which ids its KV cache holds, and each turn
+feeds only what follows the longest prefix it shares with the new prompt.
 """
 
 from __future__ import annotations
@@ -21,62 +20,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .cache import make_cache
 from .errors import MixtralError
 from .generate import GenerationResponse, stream_generate
+from .kv_format import FLOAT, KVFormat
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams, check_max_tokens, check_seed
 from .tokenizer import Tokenizer
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """How many leading ids `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class PromptCache:
-    """A model's per-layer KV cache together with the exact token ids it holds."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.cache = make_cache(model)
-        self.ids: list[int] = []
-
-    def reset(self) -> None:
-        """Forget everything (the next prompt is prefilled from scratch)."""
-        self.cache = make_cache(self.model)
-        self.ids = []
-
-    def prepare(self, prompt: list[int]) -> list[int]:
-        """Make the cache hold a prefix of `prompt`; return the rest, which the caller must feed.
-
-        At least one id is always left to feed, since the next token needs the logits of the last.
-        """
-        keep = min(common_prefix_length(self.ids, prompt), len(prompt) - 1)
-        if all(c.can_trim_to(keep) for c in self.cache):
-            for c in self.cache:
-                c.trim(c.offset - keep)
-            self.ids = self.ids[:keep]
-        else:  # a sliding window already dropped keys the kept prefix still needs
-            self.reset()
-        return prompt[len(self.ids):]
-
-    def record(self, fed: list[int], generated: list[int]) -> None:
-        """After generation: the cache holds a prefix of what it held, plus `fed`, plus `generated`.
-
-        `cache[0].offset` says how long that prefix is (the last generated id may not have been
-        fed back). Anything inconsistent (layers that disagree) is not trusted: start afresh.
-        """
-        seen = self.ids + fed + generated
-        offsets = {c.offset for c in self.cache}
-        if len(offsets) != 1 or offsets.pop() > len(seen):
-            self.reset()
-            return
-        self.ids = seen[: self.cache[0].offset]
 
 
 @dataclass
@@ -236,7 +185,7 @@ class ChatSession:
     """A conversation with a model, whose KV cache always holds a prefix of the encoded conversation."""
 
     def __init__(self, model, tokenizer: Tokenizer, settings: Settings | None = None,
-                 max_context: int | None = None, system: str | None = None) -> None:
+                 max_context: int | None = None, system: str | None = None, kv: KVFormat = FLOAT) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or Settings()
@@ -244,7 +193,7 @@ class ChatSession:
         if max_context:
             self.limit = min(self.limit, max_context)
         self.conversation = Conversation(system or None)
-        self.cache = PromptCache(model)
+        self.cache = PromptCache(model, kv)
         self.last: Turn | None = None
         self.reseed()
 

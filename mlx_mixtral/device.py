@@ -52,6 +52,16 @@ def compute_dtype(stored: mx.Dtype) -> mx.Dtype:
     return stored
 
 
+def fused_attention(quantized: bool) -> bool:
+    """Whether attention over a long context runs without materialising its scores.
+
+    MLX's GPU backends (Metal, CUDA) have fused attention kernels for float keys and values; the
+    CPU backend, and attention over quantized keys (two quantized matmuls) everywhere, write the
+    [heads, queries, keys] scores to memory, so prefill chunks must be sized to fit them.
+    """
+    return mx.default_device() == mx.gpu and not quantized
+
+
 def parallel_ways() -> int:
     """Into how many parts independent work should be split.
 

@@ -11,20 +11,57 @@ generated tokens, possibly except the last one (check `cache[0].offset`).
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from .cache import make_cache
-from .device import wired_limit
+from .device import fused_attention, wired_limit
 from .errors import MixtralError
 from .sampling import (REPETITION_WINDOW, SamplingParams, apply_repetition_penalty, check_max_tokens,
                        check_seed, make_sampler)
 from .tokenizer import Tokenizer
 
-PREFILL_STEP = 512  # tokens per prefill chunk: bounds the attention scores' memory on long prompts
+PREFILL_STEP = 512  # most tokens per prefill chunk
+# Most bytes a prefill chunk's attention scores (and their softmax) may take where they are
+# materialised (device.fused_attention): deep in a long prompt, chunks shrink to stay within it.
+SCORES_BUDGET = 512 * 2**20
+MIN_PREFILL_CHUNK = 32  # below this, re-reading the weights per chunk costs more than it saves
+
+
+def prefill_chunk(config, cache, step: int = PREFILL_STEP, budget: int = SCORES_BUDGET) -> int:
+    """Tokens to feed in the next prefill chunk, at most `step`.
+
+    Where attention scores are materialised, a chunk of L queries over the K keys already held
+    takes 2 x heads x L x (K + L) x 4 bytes (scores and probabilities, float32 at most), so L is
+    the largest that fits `budget` (never below MIN_PREFILL_CHUNK).
+    """
+    if fused_attention(cache.format.bits is not None):
+        return step
+    held = cache.offset - cache.start
+    per_pair = 2 * config.num_attention_heads * 4
+    # largest L with L * (held + L) * per_pair <= budget
+    fit = int((-held + math.sqrt(held * held + 4 * budget / per_pair)) / 2)
+    return max(1, min(step, max(MIN_PREFILL_CHUNK, fit)))
+
+
+def prefill(model, tokens: Sequence[int], cache: list, step: int = PREFILL_STEP,
+            progress: Callable[[int], None] | None = None) -> None:
+    """Feed `tokens` into `cache`, computing only what the cache keeps: every layer's keys and
+    values, never the lm_head (nor the last layer's MoE, whose output only the lm_head reads).
+    `progress(n)` is told each chunk's size."""
+    prompt = mx.array(list(tokens))[None]
+    done = 0
+    while done < prompt.shape[1]:
+        n = min(prefill_chunk(model.config, cache[0], step), prompt.shape[1] - done)
+        model.model(prompt[:, done:done + n], cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        if progress is not None:
+            progress(n)
 
 
 @dataclass
@@ -116,16 +153,10 @@ def stream_generate(
     with wired_limit():
         mx.reset_peak_memory()
         start = time.perf_counter()
-        prompt_arr = mx.array(tokens)[None]
-        # Every prompt token but the last only has to leave its keys/values in the cache, so only
-        # the cache is evaluated: the lm_head, and the last layer's attention output and MoE,
-        # are never computed for them. The last token then runs as an ordinary decode step.
-        while prompt_arr.shape[1] > 1:
-            n = min(prefill_step, prompt_arr.shape[1] - 1)
-            model.model(prompt_arr[:, :n], cache)
-            mx.eval([c.state for c in cache])
-            prompt_arr = prompt_arr[:, n:]
-        y = next_token(model(prompt_arr, cache=cache))
+        # Every prompt token but the last only has to leave its keys/values in the cache; the
+        # last then runs as an ordinary decode step.
+        prefill(model, tokens[:-1], cache, prefill_step)
+        y = next_token(model(mx.array(tokens[-1:])[None], cache=cache))
         mx.async_eval(y)
 
         detok = tokenizer.detokenizer()

@@ -24,6 +24,7 @@ from .device import compute_dtype
 from .errors import MixtralError
 from .expert_cache import DEFAULT_POLICY, READERS, ExpertCache
 from .expert_store import ExpertStore, is_expert_tensor
+from .kv_format import FLOAT, KVFormat
 from .model import Mixtral
 from .progress import progress_bar
 from .streamed_moe import stream_experts
@@ -113,12 +114,13 @@ def check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int,
 
 def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
                max_memory: int | str | None = None, policy: str = DEFAULT_POLICY, prefetch: bool = True,
-               context: int | None = None) -> Mixtral:
+               context: int | None = None, kv: KVFormat = FLOAT) -> Mixtral:
     """Build and fill the model, one layer at a time (peak memory ~ the model, not twice it).
 
     With `max_memory` (bytes, a size like "12GB", or "auto") only the non-expert weights are
     loaded; experts are read from the files on demand into a cache that keeps the weights within
-    that budget (see `expert_cache`). `context` sizes the KV cache `auto` leaves room for.
+    that budget (see `expert_cache`). `context` sizes the KV cache `auto` leaves room for, stored
+    in the `kv` format.
     """
     folder = Path(folder)
     config = ModelConfig.from_file(folder / "config.json")
@@ -128,7 +130,7 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
     check_tensors(model, ckpt, shapes)
     cache = None
     if max_memory is not None:
-        cache = _expert_cache(ckpt, config, dtype, max_memory, policy, prefetch, context)
+        cache = _expert_cache(ckpt, config, dtype, max_memory, policy, prefetch, context, kv)
         stream_experts(model, cache)
     pieces = ckpt.iter_weights(config)
     with progress_bar("Loading", total=config.num_hidden_layers + 1, enabled=progress) as advance:
@@ -147,14 +149,15 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
         for f in ckpt.files:
             drop_file_from_page_cache(f)
     model.eval()
+    model.fingerprint = ckpt.fingerprint()  # what saved KV caches are checked against
     return model
 
 
 def _expert_cache(ckpt: Checkpoint, config: ModelConfig, dtype: mx.Dtype | None, max_memory: int | str,
-                  policy: str, prefetch: bool, context: int | None) -> ExpertCache:
+                  policy: str, prefetch: bool, context: int | None, kv: KVFormat) -> ExpertCache:
     """The expert cache a budget buys, after checking the budget holds what must stay resident."""
     if isinstance(max_memory, str) and max_memory.strip().lower() == AUTO:
-        budget, how = auto_budget(config, context)
+        budget, how = auto_budget(config, context, kv)
         label = f"auto ({gb(budget)} = {how})"
     else:
         budget = parse_size(max_memory)
@@ -169,11 +172,11 @@ def _expert_cache(ckpt: Checkpoint, config: ModelConfig, dtype: mx.Dtype | None,
     return cache
 
 
-def would_fit(folder: Path, context: int | None = None) -> tuple[bool, str]:
+def would_fit(folder: Path, context: int | None = None, kv: KVFormat = FLOAT) -> tuple[bool, str]:
     """Whether the whole model fits this machine's memory (`auto`'s budget), and a line saying why."""
     config = ModelConfig.from_file(folder / "config.json")
     need = weight_bytes(Checkpoint(folder), config)
-    budget, how = auto_budget(config, context)
+    budget, how = auto_budget(config, context, kv)
     return need <= budget, f"the model takes {gb(need)} and this machine offers {gb(budget)} ({how})"
 
 

@@ -8,6 +8,7 @@ gets the equivalent sentencepiece model rebuilt from it (`sentencepiece_json`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,8 @@ class Tokenizer:
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
         self.eos_token_ids: set[int] = {self.eos_id}
+        # Tells tokenizers apart (saved KV caches record the ids of one tokenizer).
+        self.fingerprint = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()[:32]
         self._context_id, self._context_text = self._pick_context_piece()
 
     @classmethod

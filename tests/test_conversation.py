@@ -18,10 +18,9 @@ import pytest
 
 import mlx_mixtral
 from mlx_mixtral import conversation as conversation_module
-from mlx_mixtral.conversation import (
-    SETTING_KEYS, ChatSession, Conversation, Exchange, PromptCache, Settings, common_prefix_length,
-)
+from mlx_mixtral.conversation import SETTING_KEYS, ChatSession, Conversation, Exchange, Settings
 from mlx_mixtral.errors import MixtralError
+from mlx_mixtral.prompt_cache import PromptCache, common_prefix_length
 from mlx_mixtral.sampling import SamplingParams
 
 GREEDY = SamplingParams(temp=0.0)
@@ -317,4 +316,4 @@ def test_cache_grows_enough_after_a_trim(make):
     cache.update_and_fetch(kv(300), kv(300))
     cache.trim(290)
     keys, _ = cache.update_and_fetch(kv(450), kv(450))
-    assert cache.offset == 460 and keys.shape[2] == 460 - getattr(cache, "start", 0)
+    assert cache.offset == 460 and keys[0].shape[2] == 460 - getattr(cache, "start", 0)
