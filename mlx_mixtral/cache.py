@@ -128,8 +128,10 @@ class SlidingWindowCache(KVCache):
         self.window = window
 
     def _start_after(self, length: int) -> int:
-        """Where the held keys will begin once `length` new positions are added."""
-        if self._held() + length <= self.capacity:
+        """Where the held keys will begin once `length` new positions are added: where they
+        begin now while the buffer has room for them and a window more, else (compacting) the
+        oldest key the first new query still sees."""
+        if self._held() + length + self.window <= self.capacity:
             return self.start
         return max(self.start, self.offset - (self.window - 1))
 

@@ -119,6 +119,14 @@ class Conversation:
         return cls.from_json(text, source=str(path))
 
 
+KV_SAVE_LIMIT = 1 << 30  # `/save` keeps the KV cache beside the JSON when it is at most this big
+
+
+def kv_file(path: Path) -> Path:
+    """Where the KV cache of the conversation saved at `path` goes."""
+    return path.with_name(path.name + ".kv")
+
+
 # The knobs `/set` changes: the sampling parameters plus these two.
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
 SETTING_KEYS = (*SAMPLING_KEYS, "max_tokens", "seed")
@@ -238,6 +246,39 @@ class ChatSession:
                 return Turn(user, prompt, dropped)
             self.conversation.exchanges.pop(0)
             dropped += 1
+
+    def save(self, path: str | os.PathLike, kv: bool | None = None) -> tuple[Path, bool]:
+        """Write the conversation as JSON to `path` and, beside it (`path` + ".kv"), its KV cache:
+        always (`kv=True`), never (False), or when it takes at most KV_SAVE_LIMIT (None).
+        Returns (path, whether the KV cache was saved). A stale .kv beside it is removed."""
+        from . import prompt_cache
+
+        path = self.conversation.save(path)
+        kv_path = kv_file(path)
+        keep = bool(self.cache.ids) and (kv if kv is not None else self.cache.nbytes <= KV_SAVE_LIMIT)
+        if keep:
+            prompt_cache.save(kv_path, self.cache, self.tokenizer)
+        else:
+            kv_path.unlink(missing_ok=True)
+        return path, keep
+
+    def load(self, path: str | os.PathLike) -> str | None:
+        """Continue the conversation saved at `path`; with its KV cache when one was saved beside
+        it for this model. Returns a line saying how the cache was resumed (None: none saved)."""
+        from . import prompt_cache
+
+        self.conversation = Conversation.load(path)
+        kv_path = kv_file(Path(path).expanduser())
+        if not kv_path.exists():
+            self.cache.reset()
+            return None
+        try:
+            cached, _ = prompt_cache.load(kv_path, self.model, self.tokenizer, self.cache.format)
+        except MixtralError as e:
+            self.cache.reset()
+            return f"not resuming the KV cache ({e}); the next reply prefills the conversation"
+        self.cache = cached
+        return f"resumed the KV cache ({len(cached.ids)} tokens): no prefill for them"
 
     def undo(self) -> Exchange:
         """Drop the last exchange (message and reply) and return it."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .arguments import add_model_args, add_sampling_args, load_from_args, sampling_from_args
+from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
 from .conversation import SETTING_KEYS, ChatSession, Conversation, Settings, Turn
 from .errors import MixtralError
 from .expert_view import heatmap, streaming_line
@@ -213,8 +213,10 @@ class Repl:
             _Command(("show",), "", "show the settings", self._cmd_show),
             _Command(("regen",), "", "answer the last message again", self._cmd_regen),
             _Command(("undo",), "", "drop the last message and its reply", self._cmd_undo),
-            _Command(("save",), "FILE", "save the conversation as JSON", self._cmd_save),
-            _Command(("load",), "FILE", "continue a conversation saved with /save", self._cmd_load),
+            _Command(("save",), "FILE [--kv|--no-kv]", "save the conversation as JSON, and its KV cache "
+                     "beside it (FILE.kv) if at most 1 GB or --kv", self._cmd_save),
+            _Command(("load",), "FILE", "continue a conversation saved with /save (with its KV cache: "
+                     "no prefill)", self._cmd_load),
             _Command(("stats",), "", "context use, speed and memory (and expert streaming)", self._cmd_stats),
             _Command(("experts",), "", "which experts each layer used over the last reply", self._cmd_experts),
             _Command(("exit", "bye"), "", "quit (Ctrl-D too)", lambda arg: True),
@@ -367,17 +369,28 @@ class Repl:
         self.note(f"dropped the last exchange ({len(self.session.conversation.exchanges)} left)")
 
     def _cmd_save(self, arg: str) -> None:
-        if not arg:
-            raise MixtralError("usage: /save FILE")
-        path = self.session.conversation.save(arg)
-        self.note(f"saved {_count(len(self.session.conversation.exchanges), 'exchange')} to {path}")
+        words = arg.split()
+        flags = [w for w in words if w in ("--kv", "--no-kv")]
+        name = " ".join(w for w in words if w not in flags)
+        if not name or len(flags) > 1:
+            raise MixtralError("usage: /save FILE [--kv|--no-kv]")
+        kv = None if not flags else flags[0] == "--kv"
+        path, kept = self.session.save(name, kv)
+        with_kv = f" and its KV cache ({_count(len(self.session.cache.ids), 'token')})" if kept else ""
+        self.note(f"saved {_count(len(self.session.conversation.exchanges), 'exchange')}{with_kv} to {path}")
 
     def _cmd_load(self, arg: str) -> None:
         if not arg:
             raise MixtralError("usage: /load FILE")
-        self.session.conversation = Conversation.load(arg)
+        self.resume(arg)
+
+    def resume(self, path: str) -> None:
+        """Load a saved conversation (and its KV cache, if saved for this model), saying so."""
+        how = self.session.load(path)
         system = " and a system text" if self.session.conversation.system else ""
-        self.note(f"loaded {_count(len(self.session.conversation.exchanges), 'exchange')}{system} from {arg}")
+        self.note(f"loaded {_count(len(self.session.conversation.exchanges), 'exchange')}{system} from {path}")
+        if how is not None:
+            self.note(how)
 
     def _cmd_stats(self, arg: str) -> None:
         s = self.session
@@ -419,6 +432,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, default=None,
                         help="most tokens in the context (default: the model's limit); the oldest "
                              "exchanges are dropped to stay within it")
+    parser.add_argument("--resume", default=None, metavar="FILE",
+                        help="start by loading a conversation saved with /save (and its KV cache)")
     add_sampling_args(parser, temp=0.7)
 
 
@@ -431,7 +446,11 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_from_args(
         args, lambda line: console.print(line, style="dim", markup=False, highlight=False),
         context=lambda _: args.max_context)
-    session = ChatSession(model, tokenizer, settings, args.max_context, args.system)
+    session = ChatSession(model, tokenizer, settings, args.max_context, args.system,
+                          kv_from_args(args, model.config.head_dim))
     reader = LineReader(history_path(), warn=lambda text: console.print(text, style="yellow", markup=False))
-    Repl(console, session, reader, args.model).loop()
+    repl = Repl(console, session, reader, args.model)
+    if args.resume is not None:
+        repl.resume(args.resume)
+    repl.loop()
     return 0
