@@ -46,6 +46,7 @@ from mlx_mixtral import SamplingParams, make_cache, stream_generate  # noqa: E40
 from mlx_mixtral.config import ModelConfig  # noqa: E402
 from mlx_mixtral.errors import MixtralError  # noqa: E402
 from mlx_mixtral.expert_cache import DEFAULT_POLICY, POLICIES  # noqa: E402
+from mlx_mixtral.kv_format import FLOAT, KV_BITS, KV_GROUP_SIZES, kv_format  # noqa: E402
 from mlx_mixtral.loading import load_model, would_fit  # noqa: E402
 
 OURS = "mlx-mixtral"
@@ -58,11 +59,13 @@ DEFAULT_DEPTHS = (0, 4096)  # tg with an empty context, and with a filled one (l
 class Engine:
     """One implementation under test: its model, and how it generates and trims caches."""
 
+    kv = FLOAT  # how the KV cache is stored (--kv-bits): the same for every engine
+
     def __init__(self, name: str, model: Any, config: ModelConfig, load_s: float, prefill_step: int):
         self.name, self.model, self.config = name, model, config
         self.load_s, self.prefill_step = load_s, prefill_step
         self.peak_working = 0  # bytes above the resident state, the most any run needed
-        self.kv_itemsize = 0  # bytes per cached key/value element, seen after a tg run
+        self.kv_position_bytes = 0  # KV cache bytes per position (all layers), seen after a tg run
         self.streaming: dict[str, dict[str, Any]] = {}  # test -> expert cache figures, if streamed
 
     @property
@@ -96,6 +99,10 @@ class Engine:
     def trim(self, cache: list, depth: int) -> None:
         raise NotImplementedError
 
+    def position_bytes(self, cache: list) -> int:
+        """Bytes one position takes in `cache`, over all layers."""
+        raise NotImplementedError
+
     @property
     def weight_bytes(self) -> int:
         return synthetic.nbytes(self.model)
@@ -105,7 +112,10 @@ class Ours(Engine):
     """mlx-mixtral through its public API (also runs the dense baseline: same loop, same code)."""
 
     def new_cache(self) -> list:
-        return make_cache(self.model)
+        return make_cache(self.model, self.kv)
+
+    def position_bytes(self, cache: list) -> int:
+        return sum(c.nbytes // c.capacity for c in cache)
 
     def tokens(self, prompt: list[int], n: int, cache: list) -> Iterator[Any]:
         return stream_generate(self.model, synthetic.NullTokenizer(), prompt, max_tokens=n,
@@ -128,9 +138,20 @@ class MlxLm(Engine):
     def tokens(self, prompt: list[int], n: int, cache: list) -> Iterator[Any]:
         from mlx_lm.generate import generate_step
 
+        quantized = {} if self.kv.bits is None else {"kv_bits": self.kv.bits, "kv_group_size": self.kv.group_size,
+                                                       "quantized_kv_start": 0}
         return generate_step(mx.array(prompt), self.model, max_tokens=n,
                              sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
-                             prompt_cache=cache, prefill_step_size=self.prefill_step)
+                             prompt_cache=cache, prefill_step_size=self.prefill_step, **quantized)
+
+    def position_bytes(self, cache: list) -> int:
+        from mlx.utils import tree_flatten
+
+        total = 0
+        for c in cache:  # keys/values are arrays, or (packed, scales, biases) tuples when quantized
+            parts = [a for _, a in tree_flatten([c.keys, c.values])]
+            total += sum(a.nbytes for a in parts) // parts[0].shape[2]
+        return total
 
     def trim(self, cache: list, depth: int) -> None:
         from mlx_lm.models.cache import trim_prompt_cache
@@ -254,7 +275,7 @@ def measure(engines: list[Engine], pp: list[int], tg: int, depths: list[int], tr
                 if trial:
                     fig[e.name].samples.append(tg / (stamps[-1] - stamps[0]))
         for e in engines:
-            e.kv_itemsize = caches[e.name][0].keys.itemsize
+            e.kv_position_bytes = e.position_bytes(caches[e.name])
             e.stream_done(f"tg{tg}@d{depth}", (tg + 1) * trials)
     return figures
 
@@ -294,7 +315,7 @@ def roofline_rows(engines: list[Engine], figures: list[Figure], tg: int,
             if name != e.name or not test.startswith("tg"):
                 continue
             depth = int(test.split("@d")[1])
-            kv = roofline.kv_cache_bytes(e.config, depth + tg // 2, e.kv_itemsize)  # mean context
+            kv = e.kv_position_bytes * (depth + tg // 2)  # mean context
             per_token = weights + kv
             achieved = per_token * statistics.median(f.samples) / 1e9
             rows.append({"engine": e.name, "test": test, "bytes_per_token": per_token,
@@ -324,6 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="context depths for tg: tokens already in the KV cache (default: 0 and 4096, "
                         "those the model's context holds)")
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="quantized KV cache (all engines)")
+    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=None)
     p.add_argument("--prefill-step", type=int, default=512, help="prefill chunk, the same for all engines")
     p.add_argument("--compare", choices=[MLX_LM], help="also run this peer on the same model")
     p.add_argument("--dense-baseline", action="store_true",
@@ -494,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         engines = load_engines(args, log)
+        for e in engines:
+            e.kv = kv_format(args.kv_bits, args.kv_group_size, e.config.head_dim)
         check_context(args, engines[0].config.max_position_embeddings, log)
         figures = measure(engines, args.pp, args.tg, args.depth, args.trials, args.seed, log)
         rss = disk.peak_rss()  # of the runs, before the bandwidth probes below allocate their own
