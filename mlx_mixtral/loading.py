@@ -145,11 +145,11 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
             model.load_weights(cast, strict=False)
             mx.eval([a for _, a in cast])
             advance()
-    if cache is not None:  # the resident part was read through the page cache: give it back
+    model.fingerprint = ckpt.fingerprint()  # what saved KV caches are checked against
+    if cache is not None:  # the resident part (and the fingerprint's samples): give them back
         for f in ckpt.files:
             drop_file_from_page_cache(f)
     model.eval()
-    model.fingerprint = ckpt.fingerprint()  # what saved KV caches are checked against
     return model
 
 

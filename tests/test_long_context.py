@@ -179,7 +179,7 @@ def test_saved_cache_resumes_bit_for_bit(loaded, tmp_path, bits):
 def test_windowed_cache_saves_only_what_it_holds(windowed, tmp_path):
     model, tokenizer = windowed
     live = filled(model, kv_format(8, 32, 32), IDS * 3, step=16)
-    assert live.cache[0].start > 0 and live.cache[0].capacity <= 256  # compacted, not grown
+    assert live.cache[0].start > 0 and live.cache[0].capacity < 2 * 256  # compacted, not grown
     back, _ = prompt_cache.load(prompt_cache.save(tmp_path / "w.kv", live, tokenizer), model, tokenizer)
     assert back.cache[0].start == live.cache[0].start and back.cache[0].offset == 3 * len(IDS)
     step = mx.array([[5]])

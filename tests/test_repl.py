@@ -218,7 +218,7 @@ def test_commands_settings_and_bad_input(chat, tmp_path):
     c.command("/show", table(("system", r"Answer in French\.")))
     c.say("//etc is a folder")  # // sends a message that starts with /
     c.command("/system -", r"\nsystem text removed\n")
-    c.command(f"/save {tmp_path / 'chat.json'}", r"saved 2 exchanges to ")
+    c.command(f"/save {tmp_path / 'chat.json'}", r"saved 2 exchanges and its KV cache \(\d+ tokens\) to ")
     c.line("/bye")
     assert c.exits() == 0
     messages = json.loads((tmp_path / "chat.json").read_text())["messages"]
@@ -273,7 +273,10 @@ def test_save_then_load_in_a_new_session(chat, tmp_path):
     a = chat("--max-tokens", "4", "--system", "Be brief.")
     a.say("Hello")
     a.say("Tell me about the sea")
-    a.command(f"/save {saved}", r"saved 2 exchanges to ")
+    a.command(f"/save {saved}", r"saved 2 exchanges and its KV cache \(\d+ tokens\) to ")
+    plain = tmp_path / "plain.json"
+    a.command(f"/save {plain} --no-kv", r"saved 2 exchanges to ")
+    a.command(f"/save {plain} --kv --no-kv", r"\nusage: /save FILE \[--kv\|--no-kv\]\n")
     a.command(f"/save {tmp_path / 'no' / 'such' / 'dir.json'}", r"\ncannot save to .*dir\.json: No such file or directory\n")
     a.line("/exit")
     assert a.exits() == 0
@@ -283,12 +286,16 @@ def test_save_then_load_in_a_new_session(chat, tmp_path):
     b.command(f"/load {tmp_path / 'missing.json'}", r"\ncannot read .*missing\.json: No such file or directory\n")
     b.command(f"/load {tmp_path / 'corrupt.json'}", r"\n.*corrupt\.json is not valid JSON \(.*\)\n")
     b.command("/load", r"\nusage: /load FILE\n")
-    b.command(f"/load {saved}", r"loaded 2 exchanges and a system text from ")
+    b.command(f"/load {plain}", r"loaded 2 exchanges and a system text from ")
     b.command("/system", r"system text: Be brief\.")
     b.command("/stats", table(("conversation", "2 exchanges"), ("context", "0/512 tokens in the cache")))
     turn = b.say("And the sky?")
     # The whole loaded conversation went into the fresh cache, plus the new reply.
     assert int(turn["ctx"]) == int(turn["new"]) + int(turn["gen"]) - 1 > 30
+    # With the KV cache saved beside it, the conversation resumes without its prefill.
+    b.command(f"/load {saved}", r"resumed the KV cache \(\d+ tokens\): no prefill for them\n")
+    turn = b.say("And the sky?")
+    assert int(turn["new"]) < 20 < int(turn["ctx"])
     b.line("/exit")
     assert b.exits() == 0
 

@@ -198,7 +198,8 @@ def test_auto_budget_is_the_machine_minus_kv_cache_and_margin(monkeypatch, hf_ch
 def test_front_doors_stream_automatically_when_the_model_does_not_fit(monkeypatch, hf_checkpoint_factory):
     """Resident when it fits; `auto`, said in one line, when it does not."""
     path = hf_checkpoint_factory("gqa")
-    args = Namespace(model=str(path), max_memory=None, cache_policy="lfu", no_prefetch=False)
+    args = Namespace(model=str(path), max_memory=None, cache_policy="lfu", no_prefetch=False,
+                     kv_bits=None, kv_group_size=None)
     notes: list[str] = []
     model, _ = arguments.load_from_args(args, notes.append)
     assert not hasattr(model, "expert_cache") and notes == []
