@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
-from .conversation import SETTING_KEYS, ChatSession, Conversation, Settings, Turn
+from .conversation import SETTING_KEYS, ChatSession, Settings, Turn
 from .errors import MixtralError
 from .expert_view import heatmap, streaming_line
 from .routing import log_of

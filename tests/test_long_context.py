@@ -121,12 +121,23 @@ def test_prefix_trimming_with_a_quantized_cache(loaded):
     assert mx.array_equal(resumed, fresh)
 
 
-def test_generation_with_a_quantized_cache(loaded):
+def test_generation_reads_and_extends_the_quantized_cache(loaded):
+    """stream_generate with an 8-bit cache: each token is the argmax a manual decode over a
+    fresh 8-bit cache gives, and the cache ends holding the prompt and the reply, quantized."""
     model, tokenizer = loaded
-    text = mlx_mixtral.generate(model, tokenizer, IDS[:20], max_tokens=8, stop_on_eos=False,
-                                cache=make_cache(model, kv_format(8, 32, 32)))
-    float_text = mlx_mixtral.generate(model, tokenizer, IDS[:20], max_tokens=8, stop_on_eos=False)
-    assert text and float_text
+    fmt = kv_format(8, 32, 32)
+    cache = make_cache(model, fmt)
+    prompt = IDS[:20]
+    tokens = [r.token for r in mlx_mixtral.stream_generate(model, tokenizer, prompt, max_tokens=8,
+                                                          stop_on_eos=False, cache=cache)]
+    manual = make_cache(model, fmt)
+    prefill(model, prompt[:-1], manual)
+    expected, last = [], prompt[-1]
+    for _ in range(8):
+        last = int(mx.argmax(model(mx.array([[last]]), cache=manual)[0, -1]))
+        expected.append(last)
+    assert tokens == expected
+    assert cache[0].offset == len(prompt) + 7 and cache[0].keys[0].dtype == mx.uint32
 
 
 def test_group_size_errors(hf_checkpoint_factory, loaded):
