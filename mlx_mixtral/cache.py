@@ -59,12 +59,12 @@ class KVCache:
         return 0 if self.keys is None else self.keys[0].shape[2]
 
     def _write(self, at: int, keys: Parts, values: Parts) -> tuple[Parts, Parts]:
-        """Store the chunk at buffer index `at`; return the held parts up to its end."""
+        """Store the chunk at buffer index `at`; return the held parts, now ending with it."""
         end = at + keys[0].shape[2]
         for buffer, new in zip(self.keys + self.values, keys + values):
             buffer[:, :, at:end] = new
         self.offset += keys[0].shape[2]
-        return tuple(k[:, :, :end] for k in self.keys), tuple(v[:, :, :end] for v in self.values)
+        return self.held()
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Parts, Parts]:
         """Append `L` new positions and return the parts of all keys/values held so far."""
@@ -180,8 +180,7 @@ def make_cache(model: Any, fmt: KVFormat = FLOAT) -> list[KVCache]:
     """One fresh cache per decoder layer, sliding when the model's config sets a window, storing
     keys and values in `fmt` (see `kv_format.kv_format`)."""
     config = model.config
-    if fmt is not FLOAT:
-        fmt.check(config.head_dim)
+    fmt.check(config.head_dim)
     window = config.sliding_window
     if window and window < config.max_position_embeddings:
         return [SlidingWindowCache(window, fmt) for _ in range(config.num_hidden_layers)]

@@ -23,6 +23,7 @@ import mlx.core as mx
 from .errors import MixtralError
 from .generate import GenerationResponse, stream_generate
 from .kv_format import FLOAT, KVFormat
+from . import prompt_cache
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, check_max_tokens, check_seed
 from .tokenizer import Tokenizer
@@ -251,8 +252,6 @@ class ChatSession:
         """Write the conversation as JSON to `path` and, beside it (`path` + ".kv"), its KV cache:
         always (`kv=True`), never (False), or when it takes at most KV_SAVE_LIMIT (None).
         Returns (path, whether the KV cache was saved). A stale .kv beside it is removed."""
-        from . import prompt_cache
-
         path = self.conversation.save(path)
         kv_path = kv_file(path)
         keep = bool(self.cache.ids) and (kv if kv is not None else self.cache.nbytes <= KV_SAVE_LIMIT)
@@ -264,18 +263,15 @@ class ChatSession:
 
     def load(self, path: str | os.PathLike) -> str | None:
         """Continue the conversation saved at `path`; with its KV cache when one was saved beside
-        it for this model. Returns a line saying how the cache was resumed (None: none saved)."""
-        from . import prompt_cache
-
+        it for this model. Returns a line saying how the cache was resumed (None: none saved).
+        Without one, the live cache stays: the next turn reuses whatever prefix it shares."""
         self.conversation = Conversation.load(path)
         kv_path = kv_file(Path(path).expanduser())
         if not kv_path.exists():
-            self.cache.reset()
             return None
         try:
             cached, _ = prompt_cache.load(kv_path, self.model, self.tokenizer, self.cache.format)
         except MixtralError as e:
-            self.cache.reset()
             return f"not resuming the KV cache ({e}); the next reply prefills the conversation"
         self.cache = cached
         return f"resumed the KV cache ({len(cached.ids)} tokens): no prefill for them"

@@ -45,7 +45,7 @@ def prefill_chunk(config, cache, step: int = PREFILL_STEP, budget: int = SCORES_
     per_pair = 2 * config.num_attention_heads * 4
     # largest L with L * (held + L) * per_pair <= budget
     fit = int((-held + math.sqrt(held * held + 4 * budget / per_pair)) / 2)
-    return max(1, min(step, max(MIN_PREFILL_CHUNK, fit)))
+    return min(step, max(MIN_PREFILL_CHUNK, fit))
 
 
 def prefill(model, tokens: Sequence[int], cache: list, step: int = PREFILL_STEP,

@@ -46,6 +46,9 @@ class FloatKV:
     bits: int | None = None
     group_size: int | None = None
 
+    def check(self, head_dim: int) -> None:
+        """Any head size can be stored as computed."""
+
     def encode(self, x: mx.array) -> Parts:
         return (x,)
 
@@ -67,13 +70,16 @@ class QuantizedKV:
     bits: int
     group_size: int = DEFAULT_KV_GROUP_SIZE
 
-    def check(self, head_dim: int) -> None:
-        """Refuse, in one line, a format this model's heads cannot take."""
+    def __post_init__(self) -> None:
+        """Refuse, in one line, a width or group size MLX cannot quantize to."""
         if self.bits not in KV_BITS:
             raise MixtralError(f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, not {self.bits}")
         if self.group_size not in KV_GROUP_SIZES:
             raise MixtralError(f"--kv-group-size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
                                f"not {self.group_size}")
+
+    def check(self, head_dim: int) -> None:
+        """Refuse, in one line, a group size this model's heads cannot take."""
         if head_dim % self.group_size:
             fits = [g for g in KV_GROUP_SIZES if head_dim % g == 0]
             hint = (f"use --kv-group-size {fits[-1]}" if fits else
@@ -128,5 +134,6 @@ def kv_format(bits: int | None, group_size: int | None = None, head_dim: int | N
             raise MixtralError("--kv-group-size needs --kv-bits (the float cache has no groups)")
         return FLOAT
     fmt = QuantizedKV(bits, group_size or DEFAULT_KV_GROUP_SIZE)
-    fmt.check(head_dim if head_dim is not None else fmt.group_size)
+    if head_dim is not None:
+        fmt.check(head_dim)
     return fmt
