@@ -347,6 +347,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None, help="quantized KV cache (all engines)")
     p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=None)
+    p.add_argument("--kv-sweep", action="store_true",
+                   help="also run mlx-mixtral with 8- and 4-bit KV caches on the same weights, interleaved "
+                        "with the float cache, and report their speed ratios")
     p.add_argument("--prefill-step", type=int, default=512, help="prefill chunk, the same for all engines")
     p.add_argument("--compare", choices=[MLX_LM], help="also run this peer on the same model")
     p.add_argument("--dense-baseline", action="store_true",
@@ -366,6 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.depth = args.depth if args.depth_given else list(DEFAULT_DEPTHS)
     if args.trials < 1 or args.tg < 1 or any(n < 1 for n in args.pp) or any(d < 0 for d in args.depth):
         p.error("--trials, --tg and --pp must be positive, --depth non-negative")
+    if args.kv_sweep and args.kv_bits is not None:
+        p.error("--kv-sweep runs every KV format; leave out --kv-bits")
     return args
 
 
@@ -383,7 +388,8 @@ def _synthetic_config(args: argparse.Namespace) -> ModelConfig:
         needed += synthetic.nbytes(synthetic.skeleton(config, dtype, dense=True))
         engines += 1
     context = max(args.pp, default=0) + max(args.depth) + args.tg + 1
-    needed += engines * roofline.kv_cache_bytes(config, context, dtype.size)
+    caches = engines + (len(KV_BITS) if args.kv_sweep else 0)  # quantized ones are smaller: an upper bound
+    needed += caches * roofline.kv_cache_bytes(config, context, dtype.size)
     what = f"--synthetic {args.synthetic} --bits {args.bits}"
     if engines > 1:
         what += f" ({engines} models side by side)"
@@ -445,6 +451,21 @@ def load_engines(args: argparse.Namespace, log: Callable[[str], None]) -> list[E
         log("building the dense baseline")
         engines.append(build_synthetic(ours.config, DENSE, step, dense=True, seed=args.seed))
     return engines
+
+
+def kv_name(bits: int) -> str:
+    return f"{OURS} kv{bits}"
+
+
+def kv_variants(ours: Engine, group_size: int | None) -> list[Engine]:
+    """mlx-mixtral again with each quantized KV format, on the very same weights (no more memory
+    for them), so --kv-sweep compares cache formats in one interleaved run."""
+    variants = []
+    for bits in KV_BITS:
+        e = Ours(kv_name(bits), ours.model, ours.config, ours.load_s, ours.prefill_step)
+        e.kv = kv_format(bits, group_size, ours.config.head_dim)
+        variants.append(e)
+    return variants
 
 
 def machine() -> dict[str, Any]:
@@ -519,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         engines = load_engines(args, log)
         for e in engines:
             e.kv = kv_format(args.kv_bits, args.kv_group_size, e.config.head_dim)
+        if args.kv_sweep:
+            engines += kv_variants(engines[0], args.kv_group_size)
         check_context(args, engines[0].config.max_position_embeddings, log)
         figures = measure(engines, args.pp, args.tg, args.depth, args.trials, args.seed, log)
         rss = disk.peak_rss()  # of the runs, before the bandwidth probes below allocate their own
@@ -528,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     all_ratios = []
     if args.compare:
         all_ratios += ratios(figures, OURS, MLX_LM, f"{OURS} / {MLX_LM} speed")
+    if args.kv_sweep:
+        for bits in KV_BITS:
+            all_ratios += ratios(figures, kv_name(bits), OURS, f"kv{bits} / float KV speed")
     if args.dense_baseline:
         all_ratios += ratios(figures, OURS, DENSE, "MoE / dense time per token", invert=True)
     result = {

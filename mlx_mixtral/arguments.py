@@ -1,4 +1,4 @@
-"""Flags and error handling shared by every front door (`generate`, `chat`, `cache-prompt`, `convert`).
+"""Flags and error handling shared by every front door (`generate`, `chat`, `cache-prompt`, `serve`, `convert`).
 
 One module both the CLI and the REPL import, so neither imports the other. Every user-fixable
 error ends as one line on stderr and a non-zero exit status; set MLX_MIXTRAL_DEBUG=1 to see the
@@ -40,7 +40,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_kv_args(parser: argparse.ArgumentParser) -> None:
-    """How the KV cache stores keys and values (`generate`, `chat`, `cache-prompt`)."""
+    """How the KV cache stores keys and values (`generate`, `chat`, `cache-prompt`, `serve`)."""
     from .kv_format import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES
 
     parser.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,

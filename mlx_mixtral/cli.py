@@ -1,4 +1,4 @@
-"""`mlx-mixtral generate | chat | cache-prompt | convert`: the command-line front doors.
+"""`mlx-mixtral generate | chat | cache-prompt | serve | convert`: the command-line front doors.
 
 Every user-fixable error ends as one line on stderr and a non-zero exit status (`run_main`, in
 `arguments`); set MLX_MIXTRAL_DEBUG=1 to see the traceback of an unexpected one.
@@ -196,6 +196,16 @@ def _chat_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _serve_parser(sub) -> None:
+    from .server import add_arguments, run
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)",
+                       description="Serve Mixtral over the OpenAI HTTP API: /v1/chat/completions, "
+                                   "/v1/completions, /v1/models, /health.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def _convert_parser(sub) -> None:
     from convert.__main__ import add_arguments, run
 
@@ -211,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _generate_parser(sub)
     _chat_parser(sub)
     _cache_prompt_parser(sub)
+    _serve_parser(sub)
     _convert_parser(sub)
     args = parser.parse_args(argv)
     return run_main(lambda: args.func(args))

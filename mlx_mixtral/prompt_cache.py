@@ -70,6 +70,21 @@ class PromptCache:
             self.reset()
         return prompt[len(self.ids):]
 
+    def fork(self, keep: int) -> PromptCache:
+        """A new cache holding the first `keep` ids of this one, which stays as it is (a server
+        starts one conversation from another's shared prefix without destroying it). Where a
+        sliding window already dropped keys that prefix needs, the new cache starts empty."""
+        other = PromptCache(self.model, self.format)
+        if keep <= 0 or not all(c.can_trim_to(keep) for c in self.cache):
+            return other
+        for mine, theirs in zip(self.cache, other.cache):
+            keys, values = mine.held()
+            n = keep - mine.start
+            # Views of this cache's buffers: the first write to the fork grows it into its own.
+            theirs.restore(tuple(k[:, :, :n] for k in keys), tuple(v[:, :, :n] for v in values), keep)
+        other.ids = self.ids[:keep]
+        return other
+
     def record(self, fed: list[int], generated: list[int]) -> None:
         """After generation: the cache holds a prefix of what it held, plus `fed`, plus `generated`.
 
@@ -87,6 +102,11 @@ class PromptCache:
     def nbytes(self) -> int:
         """Bytes of the keys and values held (what a saved file takes, give or take its header)."""
         return sum(p.nbytes for c in self.cache for parts in c.held() for p in parts)
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the cache's buffers take in memory (held positions plus room to grow)."""
+        return sum(c.nbytes for c in self.cache)
 
 
 def _kv_dtype(model) -> str:

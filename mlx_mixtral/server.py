@@ -1,0 +1,309 @@
+"""`mlx-mixtral serve`: an OpenAI-compatible HTTP server for editors, agents and chat front ends.
+
+Built on Starlette (routing, requests, responses) served by uvicorn (the reference ASGI server),
+both small, pure-Python and widely deployed: the `serve` extra installs them. Server-sent events
+are written by `EventStream`, which also watches the connection, so a client that goes away
+cancels its generation at the next token even while it waits in the queue.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (streamed with `stream: true`),
+GET /v1/models, GET /health. Requests are checked by `openai_api`, queued and run by
+`scheduler`, and reuse the KV state of earlier conversations through `prompt_pool`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
+from .errors import MixtralError
+from .openai_api import APIError, Defaults, Reply, bad, parse, sse
+from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler
+
+MAX_BODY_BYTES = 8 * 2**20  # a 32k-token conversation is a few hundred KB of JSON
+DEFAULT_PROMPT_CACHE = "2GB"
+DEFAULT_QUEUE = 8
+
+try:
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request as HTTPRequest
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+except ImportError:  # the `serve` extra is not installed: `run` says so in one line
+    Starlette = None
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _read_json(request: HTTPRequest) -> Any:
+    """The body as JSON, refusing bodies over MAX_BODY_BYTES before reading them all."""
+    too_big = APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES // 2**20} MB", param=None,
+                       code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_big
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise bad("the request body is not UTF-8") from None
+    except ValueError as e:
+        raise bad(f"the request body is not valid JSON: {e}") from None
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client has gone away (the body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next(events: asyncio.Queue, gone: asyncio.Task):
+    """The job's next event, or None once the client is gone."""
+    get = asyncio.ensure_future(events.get())
+    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if get.done():
+        return get.result()
+    get.cancel()
+    return None
+
+
+class EventStream:
+    """A reply streamed as server-sent events (an ASGI response), ending with `data: [DONE]` only
+    when complete: a failure mid-way sends an error event instead, so a partial reply never looks
+    finished."""
+
+    headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+
+    def __init__(self, reply: Reply, job: Job, events: asyncio.Queue):
+        self.reply, self.job, self.events = reply, job, events
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            async for data in self._events(gone):
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the connection broke while writing
+            pass
+        finally:
+            gone.cancel()
+            self.job.cancel()  # no-op once the job is done; else frees its slot at the next token
+
+    async def _events(self, gone: asyncio.Task):
+        reply = self.reply
+        if reply.request.chat:
+            yield sse(reply.chunk(first=True))
+        while (event := await _next(self.events, gone)) is not None:
+            if isinstance(event, Piece):
+                yield sse(reply.chunk(event.text))
+            elif isinstance(event, Failed):
+                yield sse(APIError(500, event.message, "server_error").body())
+                return
+            elif isinstance(event, Done):
+                _finish(reply, event)
+                yield sse(reply.chunk(finish_reason=event.finish_reason))
+                if reply.request.include_usage:
+                    yield sse(reply.usage_chunk())
+                yield sse("[DONE]")
+                return
+
+
+def _finish(reply: Reply, done: Done) -> None:
+    reply.finish_reason = done.finish_reason
+    reply.prompt_tokens, reply.completion_tokens = done.prompt_tokens, done.completion_tokens
+    reply.cached_tokens = done.cached_tokens
+
+
+def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: str | None = None) -> Starlette:
+    """The ASGI app around a started `scheduler` (its model and tokenizer are loaded)."""
+    model, tokenizer = scheduler.model, scheduler.tokenizer
+    context, vocab = model.config.max_position_embeddings, model.config.vocab_size
+    started = int(time.time())
+
+    def check_key(request: HTTPRequest) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    async def completions(request: HTTPRequest, chat: bool) -> Response | EventStream:
+        check_key(request)
+        req = parse(await _read_json(request), chat, tokenizer, served, context, vocab, defaults)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = Job(req.prompt, req.max_tokens, req.sampling, req.seed, req.stop,
+                  send=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            scheduler.submit(job)
+        except Busy as e:
+            raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        reply = Reply(req)
+        if req.stream:
+            return EventStream(reply, job, events)
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            while (event := await _next(events, gone)) is not None:
+                if isinstance(event, Piece):
+                    reply.text += event.text
+                elif isinstance(event, Failed):
+                    raise APIError(500, event.message, "server_error")
+                elif isinstance(event, Done):
+                    _finish(reply, event)
+                    return JSONResponse(reply.complete())
+            return Response(status_code=499)  # the client is gone: nobody reads this
+        finally:
+            gone.cancel()
+            job.cancel()
+
+    async def chat_completions(request: HTTPRequest) -> Response | EventStream:
+        return await completions(request, chat=True)
+
+    async def text_completions(request: HTTPRequest) -> Response | EventStream:
+        return await completions(request, chat=False)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": served, "object": "model", "created": started, "owned_by": "mlx-mixtral"}
+
+    async def models(request: HTTPRequest) -> Response:
+        check_key(request)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def one_model(request: HTTPRequest) -> Response:
+        check_key(request)
+        if request.path_params["name"] != served:
+            raise APIError(404, f"the model {request.path_params['name']!r} does not exist here; this server "
+                                f"serves {served!r}", param="model", code="model_not_found")
+        return JSONResponse(model_card())
+
+    async def health(request: HTTPRequest) -> Response:
+        pool = scheduler.pool
+        return JSONResponse({
+            "status": "ok", "model": served, "active": scheduler.active is not None,
+            "queued": scheduler.queued, **scheduler.counts,
+            "prompt_cache": {"conversations": len(pool.entries), "bytes": pool.nbytes, "budget": pool.budget},
+        })
+
+    async def api_error(request: HTTPRequest, e: APIError) -> Response:
+        return _error_response(e)
+
+    async def http_error(request: HTTPRequest, e: HTTPException) -> Response:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind))
+
+    async def server_error(request: HTTPRequest, e: Exception) -> Response:
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", text_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", one_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={APIError: api_error, HTTPException: http_error,
+                                                        Exception: server_error})
+
+
+# --------------------------------------------------------------------------------------------
+# The front door
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only); 0.0.0.0 "
+                        "lets anyone who can reach this machine use the model")
+    p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--model-name", default=None,
+                   help="the model name clients ask for (default: the --model argument as given)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the API (advised off loopback)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_QUEUE,
+                   help="requests that may wait for the model; beyond, 429 (default: %(default)s)")
+    p.add_argument("--prompt-cache-size", default=DEFAULT_PROMPT_CACHE, metavar="SIZE",
+                   help="memory for the KV state of recent conversations, reused when a client sends "
+                        "one again (default: %(default)s; 0 turns it off)")
+    add_sampling_args(p, temp=0.7)
+    p.epilog = "Sampling flags set the defaults for requests that leave those fields out."
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so a taken port fails in a second."""
+    if not 0 <= port <= 65535:
+        raise MixtralError(f"--port must be from 0 to 65535, got {port}")
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET  # a host name
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "pick another with --port" if e.errno in (48, 98) else "check --host"
+        raise MixtralError(f"cannot listen on {host}:{port}: {e.strerror or e}; {hint}") from None
+    return sock
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args: argparse.Namespace) -> int:
+    if Starlette is None:
+        raise MixtralError("serve needs its HTTP stack: pip install 'mlx-mixtral[serve]' (starlette, uvicorn)")
+    import uvicorn
+
+    from .budget import gb, parse_size
+    from .prompt_pool import PromptPool
+
+    sampling = sampling_from_args(args)
+    if args.max_queue < 1:
+        raise MixtralError(f"--max-queue must be at least 1, got {args.max_queue}")
+    cache_size = 0 if args.prompt_cache_size.strip() == "0" else parse_size(args.prompt_cache_size, "--prompt-cache-size")
+    served = args.model_name or args.model
+    note = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    sock = _bind(args.host, args.port)
+
+    def load():
+        model, tokenizer = load_from_args(args, note)
+        return model, tokenizer, PromptPool(model, kv_from_args(args, model.config.head_dim), cache_size)
+
+    scheduler = Scheduler(load, max_queue=args.max_queue)
+    scheduler.start()
+    app = create_app(scheduler, served, Defaults(args.max_tokens, sampling, args.seed), args.api_key)
+    host, port = sock.getsockname()[:2]
+    if not _loopback(args.host):
+        note(f"warning: listening on {args.host}: anyone who can reach this machine can use the model"
+             + ("" if args.api_key else " (no --api-key set)"))
+    cached = f"prompt cache {gb(cache_size)}" if cache_size else "no prompt cache"
+    note(f"serving {served!r} ({scheduler.pool.format.describe()} KV, {cached}) "
+         f"at http://{host}:{port}/v1")
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, access_log=False)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        scheduler.stop()
+        sock.close()
+    note("server stopped")
+    return 0
