@@ -57,7 +57,7 @@ async def _read_json(request: HTTPRequest) -> Any:
         if len(body) > MAX_BODY_BYTES:
             raise too_big
     try:
-        return json.loads(body)
+        return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise bad("the request body is not UTF-8") from None
     except ValueError as e:
@@ -255,6 +255,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)  # from now on clients queue up (they are answered once uvicorn runs)
     except OSError as e:
         sock.close()
         hint = "pick another with --port" if e.errno in (48, 98) else "check --host"

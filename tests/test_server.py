@@ -1,0 +1,495 @@
+"""`mlx-mixtral serve` end to end: a real server in a subprocess on a free loopback port, spoken to
+by the official `openai` client, `curl` and raw HTTP.
+
+Answers are checked against mistral-common's ids for the conversation and against this process's
+own greedy generation from those ids; errors by status and OpenAI error body; queueing,
+cancellation and the prompt cache through /health's counters.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from openai import OpenAI
+
+import mlx_mixtral
+from mlx_mixtral.prompt_cache import PromptCache
+from mlx_mixtral.prompt_pool import PromptPool
+from mlx_mixtral.sampling import SamplingParams
+
+NAME = "tiny-mixtral"
+CONTEXT = 8192  # the fixture's 512 positions, raised so a long generation takes seconds
+
+
+@pytest.fixture(scope="module")
+def folder(hf_checkpoint_factory, tmp_path_factory) -> Path:
+    """The head_dim-32 fixture (so --kv-bits works) with a longer context."""
+    copy = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(hf_checkpoint_factory("head_dim"), copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": CONTEXT}))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def local(folder):
+    return mlx_mixtral.load(folder, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer_model_path) -> MistralTokenizer:
+    return MistralTokenizer.from_file(str(tokenizer_model_path))
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+class Server:
+    """`mlx-mixtral serve` in a subprocess; `url` once it listens."""
+
+    def __init__(self, folder: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model", str(folder), "--model-name", NAME,
+             "--port", "0", "--temp", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+            if m:
+                self.url = m.group(1)
+                threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+                return
+        self.proc.kill()
+        raise RuntimeError("the server did not start:\n" + "".join(self.log))
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def connect(self, timeout: float = 60) -> http.client.HTTPConnection:
+        url = urlsplit(self.url)
+        return http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+
+    def send(self, method: str, path: str, body=None, timeout: float = 60) -> Reply:
+        """One request on its own connection (plain stdlib HTTP, as a script would do it)."""
+        content = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        conn = self.connect(timeout)
+        try:
+            conn.request(method, path, body=content, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
+
+    def post(self, path: str, body) -> Reply:
+        return self.send("POST", path, body)
+
+    def health(self) -> dict:
+        return self.send("GET", "/health", timeout=10).json()
+
+    def wait_for(self, predicate, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = self.health()
+            if predicate(h):
+                return h
+            time.sleep(0.02)
+        raise AssertionError(f"/health never matched: {self.health()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    s = Server(folder, "--max-queue", "1", "--max-tokens", "16")
+    yield s
+    s.stop()
+
+
+def mistral_ids(reference: MistralTokenizer, messages: list[dict]) -> list[int]:
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+    return reference.encode_chat_completion(request).tokens
+
+
+def expected(local, ids: list[int], max_tokens: int, stop=()) -> str:
+    model, tokenizer = local
+    return mlx_mixtral.generate(model, tokenizer, ids, max_tokens=max_tokens, sampling=SamplingParams(), stop=stop)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one, please."},
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Answers
+# --------------------------------------------------------------------------------------------
+
+
+def test_chat_completion_is_mistral_commons_encoding_generated_greedily(server, local, reference):
+    r = server.client().chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=12, temperature=0)
+    ids = mistral_ids(reference, CONVERSATION)
+    assert r.object == "chat.completion" and r.model == NAME and r.id.startswith("chatcmpl-")
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected(local, ids, 12)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == len(ids) + 12
+
+
+def test_streamed_chat_is_the_same_answer_with_usage_last(server, reference):
+    client = server.client()
+    whole = client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishing = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishing == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == len(mistral_ids(reference, CONVERSATION))
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_text_completion_from_text_or_ids_and_stop_strings(server, local):
+    model, tokenizer = local
+    prompt = "The quick brown fox jumps over the lazy dog. Once upon a time"
+    client = server.client()
+    full = expected(local, tokenizer.encode(prompt), 16)
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == full
+    ids = client.completions.create(model=NAME, prompt=tokenizer.encode(prompt), max_tokens=16, temperature=0)
+    assert ids.choices[0].text == full
+    stop = full.strip()[3:6]
+    stopped = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[stop, "zzz"])
+    assert stopped.choices[0].text == full[:full.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
+
+
+def test_server_defaults_apply_to_fields_left_out(server, local, reference):
+    """--max-tokens 16 and --temp 0 (greedy) for a request that gives neither."""
+    messages = [{"role": "user", "content": "Hello there"}]
+    r = server.post("/v1/chat/completions", {"messages": messages}).json()
+    assert r["usage"]["completion_tokens"] == 16
+    assert r["choices"][0]["message"]["content"] == expected(local, mistral_ids(reference, messages), 16)
+
+
+def test_curl_streams_server_sent_events(server, local, reference):
+    messages = [{"role": "user", "content": "Say something."}]
+    body = json.dumps({"model": NAME, "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True})
+    out = subprocess.run(["curl", "-sSN", "-H", "Content-Type: application/json", "-d", body,
+                          f"{server.url}/v1/chat/completions"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    events = [line.removeprefix("data: ") for line in out.stdout.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == expected(local, mistral_ids(reference, messages), 8)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_conversation_reuses_its_cached_prefix_each_turn(server, local, reference):
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me about rivers."}]
+    first = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And lakes?"}]
+    second = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    ids = mistral_ids(reference, messages)
+    turn1 = mistral_ids(reference, messages[:1])
+    # Turn 1's prompt and its reply's ids are reused: only the new user message is fed.
+    assert second.usage.prompt_tokens_details.cached_tokens >= len(turn1)
+    assert second.usage.prompt_tokens == len(ids)
+    assert second.choices[0].message.content == expected(local, ids, 8)
+    assert server.health()["prompt_cache"]["conversations"] >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a 4xx with an OpenAI error body, and the server goes on
+# --------------------------------------------------------------------------------------------
+
+USER = [{"role": "user", "content": "hi"}]
+BAD = [
+    ("/v1/chat/completions", b"{not json", 400, None, "not valid JSON"),
+    ("/v1/chat/completions", b"\xff\xfe", 400, None, "not UTF-8"),
+    ("/v1/chat/completions", [1, 2], 400, None, "must be a JSON object"),
+    ("/v1/chat/completions", {"messages": USER, "model": "gpt-4"}, 404, "model", "does not exist here"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "empty"),
+    ("/v1/chat/completions", {}, 400, "messages", "required"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "must be a list"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "one of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content", "only text"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]", "tool"),
+    ("/v1/chat/completions", {"messages": [*USER, {"role": "assistant", "content": "a"}]}, 400, "messages",
+     "assistant"),
+    ("/v1/chat/completions", {"messages": [*USER, {"role": "assistant", "content": "a"},
+                                           {"role": "system", "content": "s"}]}, 400, "messages", "system"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 0}, 400, "max_tokens", "from 1"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 10**9}, 400, "max_tokens", "context"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": "5"}, 400, "max_tokens", "integer"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 2.5}, 400, "max_tokens", "integer"),
+    ("/v1/chat/completions", {"messages": USER, "temperature": "hot"}, 400, "temperature", "number"),
+    ("/v1/chat/completions", {"messages": USER, "temperature": 50}, 400, "temperature", "from 0 to 2"),
+    ("/v1/chat/completions", {"messages": USER, "temperature": True}, 400, "temperature", "number"),
+    ("/v1/chat/completions", {"messages": USER, "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ("/v1/chat/completions", {"messages": USER, "top_k": -1}, 400, "top_k", "from 0"),
+    ("/v1/chat/completions", {"messages": USER, "min_p": 1.5}, 400, "min_p", "[0, 1)"),
+    ("/v1/chat/completions", {"messages": USER, "repetition_penalty": 0}, 400, "repetition_penalty", "(0, 10]"),
+    ("/v1/chat/completions", {"messages": USER, "seed": -1}, 400, "seed", "from 0"),
+    ("/v1/chat/completions", {"messages": USER, "stop": 7}, 400, "stop", "string"),
+    ("/v1/chat/completions", {"messages": USER, "stop": [""]}, 400, "stop", "empty"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["a"] * 17}, 400, "stop", "at most"),
+    ("/v1/chat/completions", {"messages": USER, "stream": "yes"}, 400, "stream", "true or false"),
+    ("/v1/chat/completions", {"messages": USER, "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "stream: true"),
+    ("/v1/chat/completions", {"messages": USER, "n": 2}, 400, "n", "one choice"),
+    ("/v1/chat/completions", {"messages": USER, "logprobs": True}, 400, "logprobs", "not supported"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 0.5}, 400, "frequency_penalty",
+     "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400,
+     "response_format", "text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * (CONTEXT + 10)}]}, 400,
+     "messages", "context"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "not a batch"),
+    ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt", "vocabulary"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "non-empty"),
+    ("/v1/completions", {"prompt": None}, 400, "prompt", "required"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "not supported"),
+    ("/v1/completions", {"prompt": list(range(5, CONTEXT + 5))}, 400, "prompt", "context"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,needle", BAD, ids=[f"{i}-{b[4]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server, path, body, status, param, needle):
+    r = server.post(path, body)
+    assert r.status == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle in error["message"] and error["param"] == param, error
+    assert "\n" not in error["message"]
+    assert server.health()["status"] == "ok"
+
+
+def test_oversized_bodies_unknown_routes_and_methods(server):
+    big = server.post("/v1/completions", b'{"prompt": "' + b"a" * (9 * 2**20) + b'"}')
+    assert big.status == 413 and "limit" in big.json()["error"]["message"]
+    missing = server.send("GET", "/v1/nothing")
+    assert missing.status == 404 and missing.json()["error"]["type"] == "not_found_error"
+    wrong = server.send("GET", "/v1/chat/completions")
+    assert wrong.status == 405 and "error" in wrong.json()
+    assert server.health()["status"] == "ok"
+
+
+def test_openai_client_raises_its_own_errors(server):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-4o", messages=USER)
+    with pytest.raises(openai.BadRequestError, match="one choice"):
+        server.client().chat.completions.create(model=NAME, messages=USER, n=3)
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [NAME]
+    assert server.client().models.retrieve(NAME).id == NAME
+    h = server.health()
+    assert h["model"] == NAME and h["status"] == "ok" and h["prompt_cache"]["budget"] == 2 * 10**9
+
+
+# --------------------------------------------------------------------------------------------
+# Many clients
+# --------------------------------------------------------------------------------------------
+
+
+def test_concurrent_clients_each_get_their_own_answer(folder, local, reference):
+    server = Server(folder, "--max-queue", "8")
+    try:
+        prompts = [f"Write about the number {i}." for i in range(6)]
+        answers: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            messages = [{"role": "user", "content": prompts[i]}]
+            client = server.client()
+            if i % 2:
+                chunks = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12,
+                                                        temperature=0, stream=True)
+                answers[i] = "".join(c.choices[0].delta.content or "" for c in chunks)
+            else:
+                r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+                answers[i] = r.choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i, p in enumerate(prompts):
+            assert answers[i] == expected(local, mistral_ids(reference, [{"role": "user", "content": p}]), 12)
+        assert server.health()["completed"] == len(prompts)
+    finally:
+        server.stop()
+
+
+def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(server):
+    long = {"model": NAME, "prompt": "Once upon a time", "max_tokens": CONTEXT - 100, "temperature": 0}
+    before = server.health()
+    streaming = server.connect()
+    streaming.request("POST", "/v1/completions", body=json.dumps({**long, "stream": True}))
+    events = streaming.getresponse()
+    assert events.status == 200 and events.readline().startswith(b"data: ")  # it holds the model
+    waiting = threading.Thread(target=server.post, args=("/v1/completions", {**long, "max_tokens": 4}))
+    waiting.start()
+    server.wait_for(lambda h: h["queued"] == 1)
+    refused = server.post("/v1/completions", long)
+    assert refused.status == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert server.health()["active"]
+    # The streaming client hangs up long before its thousands of tokens: its slot frees at once,
+    # and the waiting request is served.
+    events.close()
+    streaming.close()
+    server.wait_for(lambda h: h["cancelled"] == before["cancelled"] + 1, timeout=10)
+    waiting.join(30)
+    assert not waiting.is_alive()
+    h = server.wait_for(lambda h: h["completed"] == before["completed"] + 1 and not h["active"])
+    assert h["queued"] == 0
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled_too(server):
+    before = server.health()
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": CONTEXT - 100, "temperature": 0}
+    with pytest.raises(socket.timeout):
+        server.send("POST", "/v1/completions", body, timeout=1.0)  # the connection closes after 1 s
+    server.wait_for(lambda h: h["cancelled"] == before["cancelled"] + 1 and not h["active"], timeout=10)
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up
+# --------------------------------------------------------------------------------------------
+
+
+def test_serve_with_a_quantized_kv_cache(folder, local, reference):
+    server = Server(folder, "--kv-bits", "8", "--kv-group-size", "32")
+    try:
+        assert any("8-bit" in line for line in server.log), server.log
+        r = server.client().chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=8, temperature=0)
+        model, tokenizer = local
+        cache = mlx_mixtral.make_cache(model, mlx_mixtral.kv_format(8, 32))
+        ids = mistral_ids(reference, CONVERSATION)
+        want = mlx_mixtral.generate(model, tokenizer, ids, max_tokens=8, sampling=SamplingParams(), cache=cache)
+        assert r.choices[0].message.content == want
+    finally:
+        server.stop()
+
+
+def test_a_taken_port_or_a_bad_flag_is_one_line(server, folder):
+    port = server.url.rsplit(":", 1)[1]
+    for args, needle in ((["--port", port], "pick another with --port"),
+                         (["--max-queue", "0"], "--max-queue must be at least 1"),
+                         (["--prompt-cache-size", "lots"], "--prompt-cache-size 'lots' is not a size")):
+        out = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model", str(folder), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and needle in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_an_api_key_is_required_when_set(folder):
+    server = Server(folder, "--api-key", "sesame")
+    try:
+        r = server.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert r.status == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        ok = OpenAI(base_url=f"{server.url}/v1", api_key="sesame", max_retries=0).completions.create(
+            model=NAME, prompt="hi", max_tokens=2)
+        assert ok.usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The prompt pool, in process
+# --------------------------------------------------------------------------------------------
+
+
+def test_pool_takes_a_continued_conversation_and_forks_a_shared_prefix(local):
+    import mlx.core as mx
+
+    model, tokenizer = local
+    pool = PromptPool(model, budget=10**9)
+    a = list(range(100, 160))
+    first = pool.take(a)
+    fed = first.prepare(a)
+    assert fed == a
+    model.model(mx.array([fed]), first.cache)
+    first.ids = list(a)
+    pool.put(first)
+    # A prompt that continues it takes the very cache over.
+    assert pool.take(a + [7, 8]) is first and pool.entries == []
+    pool.put(first)
+    # One that shares 30 ids gets a copy of those 30; the original stays whole, bit for bit.
+    fork = pool.take(a[:30] + [5, 6, 7])
+    assert fork is not first and fork.ids == a[:30] and len(first.ids) == 60
+    for mine, theirs in zip(first.cache, fork.cache):
+        for m, t in zip(mine.held()[0], theirs.held()[0]):
+            assert mx.array_equal(m[:, :, :30], t).item()
+    assert fork.prepare(a[:30] + [5, 6, 7]) == [5, 6, 7]
+    # Putting back an extension of an entry replaces it; the budget evicts the oldest.
+    longer = PromptCache(model)
+    longer.ids = a + [1]
+    model.model(mx.array([longer.ids]), longer.cache)
+    pool.put(longer)
+    assert pool.entries == [longer]
+    other = PromptCache(model)
+    other.ids = [3, 4, 5]
+    model.model(mx.array([other.ids]), other.cache)
+    pool.budget = other.allocated
+    pool.put(other)
+    assert pool.entries == [other]
