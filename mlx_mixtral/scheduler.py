@@ -49,6 +49,7 @@ class Failed:
     """Generation stopped with an error; the reply so far is not a complete answer."""
 
     message: str
+    status: int = 500  # 503: the server is going down
 
 
 Event = Piece | Done | Failed
@@ -70,6 +71,9 @@ class Job:
         self.cancelled.set()
 
 
+SHUTDOWN = "the server is shutting down; the reply is incomplete"
+
+
 class Busy(Exception):
     """The queue is full; `retry_after` seconds is a fair guess at when a slot frees up."""
 
@@ -87,6 +91,7 @@ class Scheduler:
         self._waiting: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._stopping = False
         self._thread = threading.Thread(target=self._work, name="mlx-mixtral-worker", daemon=True)
         self.model = self.tokenizer = self.pool = None
         self.active: Job | None = None
@@ -100,14 +105,19 @@ class Scheduler:
         if self._error is not None:
             raise self._error
 
-    def stop(self) -> None:
-        """Cancel what is running, and let the worker end after it."""
+    def stop(self, wait: float = 0) -> None:
+        """End the worker: the running job and every waiting one fail with SHUTDOWN (their
+        clients see an error, not a reply cut short that looks complete). `wait`: seconds to
+        wait for the worker to finish its current token (0 from a signal handler)."""
+        self._stopping = True
         if self.active is not None:
             self.active.cancel()
         try:
-            self._waiting.put_nowait(None)
+            self._waiting.put_nowait(None)  # wakes a worker waiting for work
         except queue.Full:
-            pass
+            pass  # a busy worker sees _stopping when it takes the next job
+        if wait and self._thread.is_alive():
+            self._thread.join(wait)
 
     def submit(self, job: Job) -> None:
         """Queue `job`, or raise Busy if the queue is full."""
@@ -134,7 +144,8 @@ class Scheduler:
         self._ready.set()
         while True:
             job = self._waiting.get()
-            if job is None:
+            if job is None or self._stopping:
+                self._fail_waiting(job)
                 return
             if job.cancelled.is_set():  # its client left while it waited
                 self.counts["cancelled"] += 1
@@ -146,6 +157,15 @@ class Scheduler:
             finally:
                 self.active = None
                 self._durations.append(time.perf_counter() - start)
+
+    def _fail_waiting(self, job: Job | None) -> None:
+        while job is not None or not self._waiting.empty():
+            if job is not None:
+                job.send(Failed(SHUTDOWN, 503))
+            try:
+                job = self._waiting.get_nowait()
+            except queue.Empty:
+                return
 
     def _serve(self, job: Job) -> None:
         from .generate import stream_generate
@@ -175,6 +195,8 @@ class Scheduler:
         self.pool.put(entry)
         if job.cancelled.is_set():
             self.counts["cancelled"] += 1
+            if self._stopping:
+                job.send(Failed(SHUTDOWN, 503))
             return
         self.counts["completed"] += 1
         job.send(Done(finish_reason=last.finish_reason, prompt_tokens=len(job.prompt),

@@ -112,7 +112,7 @@ class EventStream:
             if isinstance(event, Piece):
                 yield sse(reply.chunk(event.text))
             elif isinstance(event, Failed):
-                yield sse(APIError(500, event.message, "server_error").body())
+                yield sse(APIError(event.status, event.message, "server_error").body())
                 return
             elif isinstance(event, Done):
                 _finish(reply, event)
@@ -161,7 +161,7 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
                 if isinstance(event, Piece):
                     reply.text += event.text
                 elif isinstance(event, Failed):
-                    raise APIError(500, event.message, "server_error")
+                    raise APIError(event.status, event.message, "server_error")
                 elif isinstance(event, Done):
                     _finish(reply, event)
                     return JSONResponse(reply.complete())
@@ -300,11 +300,18 @@ def run(args: argparse.Namespace) -> int:
     cached = f"prompt cache {gb(cache_size)}" if cache_size else "no prompt cache"
     note(f"serving {served!r} ({scheduler.pool.format.describe()} KV, {cached}) "
          f"at http://{host}:{port}/v1")
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, access_log=False)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # Ctrl-C: end the replies in flight first
+            scheduler.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, access_log=False)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is what it asked
+        pass
     finally:
-        scheduler.stop()
+        scheduler.stop(wait=10)  # MLX must not be mid-computation when the interpreter exits
         sock.close()
     note("server stopped")
     return 0

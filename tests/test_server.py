@@ -442,6 +442,26 @@ def test_a_taken_port_or_a_bad_flag_is_one_line(server, folder):
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_ctrl_c_ends_replies_in_flight_with_an_error_and_exits_cleanly(folder):
+    import signal
+
+    server = Server(folder)
+    streaming = server.connect()
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": CONTEXT - 100, "stream": True}
+    streaming.request("POST", "/v1/completions", body=json.dumps(body))
+    events = streaming.getresponse()
+    assert events.readline().startswith(b"data: ")
+    server.proc.send_signal(signal.SIGINT)
+    rest = events.read().decode()
+    assert server.proc.wait(15) == 0
+    # The reply cut short ends with an error event, never with [DONE] as if it were complete.
+    last = [line for line in rest.split("\n") if line.startswith("data: ")][-1]
+    assert "shutting down" in json.loads(last[6:])["error"]["message"] and "[DONE]" not in rest
+    time.sleep(0.2)
+    log = "".join(server.log)
+    assert "server stopped" in log and "Traceback" not in log and "terminate" not in log, log
+
+
 def test_an_api_key_is_required_when_set(folder):
     server = Server(folder, "--api-key", "sesame")
     try:
