@@ -63,6 +63,7 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     fits), else streaming within `--max-memory` or `auto`, saying so in one line."""
     from .budget import AUTO, gb, parse_size
     from .loading import load_model, resolve, would_fit
+    from .sharding import load_sharded, world
     from .tokenizer import Tokenizer
 
     max_memory = args.max_memory
@@ -70,6 +71,16 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
         parse_size(max_memory)  # a typo fails before a download
     folder = resolve(args.model)
     tokenizer = Tokenizer.from_folder(folder)
+    group = world()
+    if group.size() > 1:  # started by mlx.launch: this process holds its 1/N of every layer
+        if max_memory is not None:
+            raise MixtralError("--max-memory (streaming experts) does not combine with several processes; "
+                               "leave it out: each process holds 1/N of the model")
+        model = load_sharded(folder, group, progress=group.rank() == 0)
+        note(f"tensor parallel over {group.size()} processes: this one (rank {group.rank()}) holds "
+             f"{model.split.q1 - model.split.q0} of {model.config.num_attention_heads * group.size()} heads and "
+             f"1/{group.size()} of every expert")
+        return model, tokenizer
     tokens = context(tokenizer)
     kv = kv_from_args(args)
     if max_memory is None:

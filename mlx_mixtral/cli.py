@@ -17,13 +17,23 @@ from .errors import MixtralError
 
 def _read_prompt(args: argparse.Namespace) -> str:
     """`--prompt`, or stdin without the one newline that ends what `echo` (or a file) sends, so
-    `echo q | mlx-mixtral generate` and `--prompt q` see the same prompt."""
-    if args.prompt is None or args.prompt == "-":
-        if sys.stdin.isatty():
-            raise MixtralError("no prompt: pass --prompt TEXT, or pipe the prompt into stdin")
-        text = sys.stdin.read()
-        return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
-    return args.prompt
+    `echo q | mlx-mixtral generate` and `--prompt q` see the same prompt. Under mlx.launch only
+    rank 0 reads stdin; the others get its text."""
+    from .sharding import from_rank0, world
+
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    group = world()
+    if group.size() > 1:
+        return from_rank0(_read_stdin() if group.rank() == 0 else None, group)
+    return _read_stdin()
+
+
+def _read_stdin() -> str:
+    if sys.stdin.isatty():
+        raise MixtralError("no prompt: pass --prompt TEXT, or pipe the prompt into stdin")
+    text = sys.stdin.read()
+    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -70,9 +80,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         log = log_of(model)
         log.reset()
     last = None
+    seed = args.seed
+    if getattr(model, "split", None) is not None:  # every rank must sample the same tokens
+        from .sharding import shared_seed, world
+
+        seed = shared_seed(seed, world())
     for last in mlx_mixtral.stream_generate(
         model, tokenizer, fed, max_tokens=args.max_tokens, sampling=sampling,
-        seed=args.seed, stop=args.stop or (), cache=cache, history=history,
+        seed=seed, stop=args.stop or (), cache=cache, history=history,
     ):
         sys.stdout.write(last.text)
         sys.stdout.flush()
@@ -224,7 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     _convert_parser(sub)
     args = parser.parse_args(argv)
+    _quiet_followers()
     return run_main(lambda: args.func(args))
+
+
+def _quiet_followers() -> None:
+    """Under mlx.launch every rank runs the command; rank 0 alone writes the answer."""
+    import os
+
+    from .sharding import world
+
+    if world().rank() != 0:
+        sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":

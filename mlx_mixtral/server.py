@@ -19,6 +19,7 @@ import json
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
@@ -231,7 +232,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "lets anyone who can reach this machine use the model")
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--model-name", default=None,
-                   help="the model name clients ask for (default: the --model argument as given)")
+                   help="the model name clients ask for (default: the --model folder's name, or the "
+                        "repo id)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on the API (advised off loopback)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_QUEUE,
@@ -263,6 +265,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _default_name(model: str) -> str:
+    """What clients call the model: a local folder's name (`~/models/mixtral-4bit` -> `mixtral-4bit`),
+    else the hub repo id as given."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
+
+
 def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -282,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise MixtralError(f"--max-queue must be at least 1, got {args.max_queue}")
     cache_size = 0 if args.prompt_cache_size.strip() == "0" else parse_size(args.prompt_cache_size, "--prompt-cache-size")
-    served = args.model_name or args.model
+    served = args.model_name or _default_name(args.model)
     note = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     sock = _bind(args.host, args.port)
 

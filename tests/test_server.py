@@ -513,3 +513,10 @@ def test_pool_takes_a_continued_conversation_and_forks_a_shared_prefix(local):
     pool.budget = other.allocated
     pool.put(other)
     assert pool.entries == [other]
+
+
+def test_the_default_model_name_is_the_folders_name_or_the_repo_id(folder):
+    from mlx_mixtral.server import _default_name
+
+    assert _default_name(str(folder)) == "model"
+    assert _default_name("mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit") == "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"

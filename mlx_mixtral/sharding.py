@@ -1,0 +1,215 @@
+"""Tensor parallelism over MLX's own `mx.distributed`: N processes (Macs), 1/N of every layer each.
+
+Started by `mlx.launch` (ring over TCP or Thunderbolt, JACCL, MPI), every rank runs the same
+command; `mx.distributed.init()` tells it its rank. Each rank holds
+
+* attention: a contiguous block of query heads, with the key/value heads their GQA groups use
+  (split when the KV heads divide by N; when N divides by them, e.g. MQA, each rank keeps its
+  one group's KV head, replicated), and the matching input columns of o_proj;
+* every expert, cut along its intermediate dimension: gate/up rows, down columns. Every rank
+  works on every token, so routing never leaves a rank idle;
+* router, norms, embeddings and lm_head whole (replicated: the router must agree everywhere,
+  and the rest is small next to the experts).
+
+The two halves of each block meet in one `all_sum` each: attention's output, then the MoE's
+(after the router's weighting, so one hidden-sized vector per token crosses the link, not k).
+Each rank reads only its own slices of the safetensors files, by offset (`np.memmap`: only the
+pages of its slices are touched), so memory per rank is ~1/N of the weights. Quantized folders
+split on quantization-group boundaries, or the split is refused in one line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .checkpoint import Checkpoint, TensorBytes
+from .config import ModelConfig
+from .errors import MixtralError
+from .expert_store import SAFETENSORS_DTYPES, _to_mlx, memory_dtype
+from .progress import progress_bar
+
+_HF_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def world() -> Any:
+    """This process's group: size 1 unless started by `mlx.launch` (or another MLX launcher)."""
+    return mx.distributed.init()
+
+
+@dataclass(frozen=True)
+class Split:
+    """What rank `rank` of `size` holds: query heads [q0, q1), KV heads [k0, k1), intermediate [i0, i1)."""
+
+    rank: int
+    size: int
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    i0: int
+    i1: int
+
+    @classmethod
+    def plan(cls, config: ModelConfig, rank: int, size: int) -> Split:
+        """The split of `config` over `size` ranks, or a one-line error saying why there is none."""
+        H, KV, inter = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+        if H % size:
+            raise MixtralError(f"cannot split {H} attention heads over {size} processes: use a process count "
+                               f"that divides {H}")
+        if KV % size and size % KV:
+            raise MixtralError(f"cannot split {KV} key/value heads over {size} processes (GQA groups must stay "
+                               f"whole): use a process count that divides {KV}, or a multiple of it")
+        if inter % size:
+            raise MixtralError(f"cannot split the experts' intermediate size {inter} over {size} processes: use a "
+                               f"process count that divides {inter}")
+        per_group = H // KV  # query heads per KV head
+        q0, q1 = rank * H // size, (rank + 1) * H // size
+        k0, k1 = q0 // per_group, (q1 - 1) // per_group + 1
+        i0, i1 = rank * inter // size, (rank + 1) * inter // size
+        return cls(rank, size, q0, q1, k0, k1, i0, i1)
+
+    def local_config(self, config: ModelConfig) -> ModelConfig:
+        """The config of this rank's slice: its heads and intermediate width, the rest the same."""
+        return replace(config, num_attention_heads=self.q1 - self.q0, num_key_value_heads=self.k1 - self.k0,
+                       intermediate_size=self.i1 - self.i0)
+
+    def slices(self, name: str, config: ModelConfig) -> tuple[int, int, int] | None:
+        """(axis, start, stop) in unquantized elements of MLX-layout tensor `name` that this rank
+        keeps, or None to keep it whole."""
+        D = config.head_dim
+        if ".self_attn." in name:
+            if ".q_proj." in name:
+                return 0, self.q0 * D, self.q1 * D
+            if ".k_proj." in name or ".v_proj." in name:
+                return 0, self.k0 * D, self.k1 * D
+            if ".o_proj." in name:
+                return -1, self.q0 * D, self.q1 * D
+        if ".block_sparse_moe.switch_mlp." in name:
+            if ".down_proj." in name:
+                return -1, self.i0, self.i1
+            return -2, self.i0, self.i1  # gate/up: [experts, intermediate, hidden]
+        return None
+
+
+class AllSum(nn.Module):
+    """A block whose output is this rank's share of a sum: `all_sum` over the ranks completes it."""
+
+    def __init__(self, block: nn.Module, group: Any):
+        super().__init__()
+        self.block = block
+        self._group = group
+
+    def __call__(self, *args: Any) -> mx.array:
+        return mx.distributed.all_sum(self.block(*args), group=self._group)
+
+
+def _read(where: TensorBytes, axis: int | None, start: int, stop: int, unpacked: int) -> np.ndarray:
+    """Elements [start, stop) along `axis` (counted in unpacked elements: a packed or grouped
+    axis holds `where.shape[axis]` of `unpacked`) of a tensor, read through a memory map."""
+    np_dtype = SAFETENSORS_DTYPES[where.dtype][0]
+    a = np.memmap(where.file, dtype=np_dtype, mode="r", offset=where.offset, shape=where.shape)
+    if axis is None:
+        return np.array(a)
+    width = where.shape[axis]  # load_sharded checked that the cut falls between groups and words
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(start * width // unpacked, stop * width // unpacked)
+    return np.ascontiguousarray(a[tuple(index)])
+
+
+def load_sharded(folder: Path, group: Any, dtype: mx.Dtype | None = None, progress: bool = True):
+    """This rank's slice of the model in `folder` (see the module docstring), its blocks' outputs
+    summed over `group`."""
+    from .loading import build_model, check_tensors
+
+    config = ModelConfig.from_file(folder / "config.json")
+    split = Split.plan(config, group.rank(), group.size())
+    ckpt = Checkpoint(folder)
+    full_shapes = ckpt.mlx_shapes(config)
+    check_tensors(build_model(config, full_shapes), ckpt, full_shapes)  # the files match the config
+    local = split.local_config(config)
+    shapes = {}
+    for name, shape in full_shapes.items():
+        cut = split.slices(name, config)
+        if cut is None:
+            shapes[name] = shape
+            continue
+        axis, a, b = cut
+        unpacked = _unpacked_width(name, axis, config)
+        s = list(shape)
+        if (s[axis] * a) % unpacked or (s[axis] * b) % unpacked:
+            raise MixtralError(f"{folder}: splitting over {group.size()} processes would cut a quantization "
+                               f"group of {name} ({shape[axis]} columns for {unpacked} values); use fewer processes")
+        s[axis] = s[axis] * (b - a) // unpacked
+        shapes[name] = tuple(s)
+    model = build_model(local, shapes)
+    names = [n for n, _ in tree_flatten(model.parameters())]
+    with progress_bar(f"Loading 1/{group.size()} (rank {group.rank()})", total=len(names),
+                      enabled=progress) as advance:
+        for name in names:
+            cut = split.slices(name, config)
+            axis, a, b = cut if cut is not None else (None, 0, 0)
+            array = _read_mlx(ckpt, name, config, axis, a, b, dtype)
+            model.load_weights([(name, array)], strict=False)
+            mx.eval(array)
+            advance()
+    for layer in model.layers:
+        layer.self_attn = AllSum(layer.self_attn, group)
+        layer.block_sparse_moe = AllSum(layer.block_sparse_moe, group)
+    model.split = split
+    model.fingerprint = f"{ckpt.fingerprint()}:rank{split.rank}/{split.size}"
+    model.eval()
+    return model
+
+
+def _unpacked_width(name: str, axis: int, config: ModelConfig) -> int:
+    """How many values the full tensor `name` holds along `axis` before packing or grouping."""
+    D = config.head_dim
+    if axis == 0 or axis == -2:  # output rows: never packed
+        return {"q_proj": config.num_attention_heads * D, "k_proj": config.num_key_value_heads * D,
+                "v_proj": config.num_key_value_heads * D}.get(name.split(".")[-2], config.intermediate_size)
+    return config.num_attention_heads * D if ".o_proj." in name else config.intermediate_size
+
+
+def _read_mlx(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | None, a: int, b: int,
+              dtype: mx.Dtype | None) -> mx.array:
+    """Tensor `name` (MLX layout), or its slice, read by offset; Hugging Face experts are stacked."""
+    unpacked = _unpacked_width(name, axis, config) if axis is not None else 1
+    head, sep, tail = name.partition(".block_sparse_moe.switch_mlp.")
+    if sep and f"{head}.block_sparse_moe.experts.0.{_HF_EXPERT[tail.split('.')[0]]}.{tail.split('.')[1]}" in ckpt.origin:
+        proj, part = tail.split(".")
+        sources = [ckpt.byte_range(f"{head}.block_sparse_moe.experts.{e}.{_HF_EXPERT[proj]}.{part}")
+                   for e in range(config.num_local_experts)]
+        # Each expert's tensor is one stacked row: the same (negative) axis, one dimension fewer.
+        raw, stored = np.stack([_read(w, axis, a, b, unpacked) for w in sources]), sources[0].dtype
+    else:
+        where = ckpt.byte_range(name)
+        raw, stored = _read(where, axis, a, b, unpacked), where.dtype
+    return _to_mlx(memoryview(raw).cast("B"), stored, memory_dtype(stored, dtype), raw.shape)
+
+
+def from_rank0(text: str | None, group: Any) -> str:
+    """Rank 0's `text` on every rank (a prompt read from rank 0's stdin, which the others lack)."""
+    data = np.frombuffer((text or "").encode(), np.uint8) if group.rank() == 0 else np.zeros(0, np.uint8)
+    n = int(mx.distributed.all_sum(mx.array([data.size], mx.int32), group=group).item())
+    mine = np.zeros(n, np.int32)
+    if group.rank() == 0:
+        mine[:] = data
+    shared = mx.distributed.all_sum(mx.array(mine), group=group)
+    return bytes(np.array(shared).astype(np.uint8)).decode()
+
+
+def shared_seed(seed: int | None, group: Any) -> int:
+    """One sampling seed for every rank (the given one, or rank 0's random pick), so ranks that
+    sample the same logits pick the same tokens."""
+    if seed is not None:
+        return seed
+    mine = int.from_bytes(os.urandom(4), "little") >> 1 if group.rank() == 0 else 0
+    return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item())
