@@ -63,7 +63,7 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     fits), else streaming within `--max-memory` or `auto`, saying so in one line."""
     from .budget import AUTO, gb, parse_size
     from .loading import load_model, resolve, would_fit
-    from .sharding import load_sharded, world
+    from .sharding import world
     from .tokenizer import Tokenizer
 
     max_memory = args.max_memory
@@ -73,13 +73,11 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     tokenizer = Tokenizer.from_folder(folder)
     group = world()
     if group.size() > 1:  # started by mlx.launch: this process holds its 1/N of every layer
-        if max_memory is not None:
-            raise MixtralError("--max-memory (streaming experts) does not combine with several processes; "
-                               "leave it out: each process holds 1/N of the model")
-        model = load_sharded(folder, group, progress=group.rank() == 0)
-        note(f"tensor parallel over {group.size()} processes: this one (rank {group.rank()}) holds "
-             f"{model.split.q1 - model.split.q0} of {model.config.num_attention_heads * group.size()} heads and "
-             f"1/{group.size()} of every expert")
+        model = load_model(folder, progress=group.rank() == 0, max_memory=max_memory, kv=kv_from_args(args))
+        if group.rank() == 0:
+            note(f"tensor parallel over {group.size()} processes: each holds "
+                 f"{model.config.num_attention_heads} of {model.config.num_attention_heads * group.size()} "
+                 f"attention heads and 1/{group.size()} of every expert")
         return model, tokenizer
     tokens = context(tokenizer)
     kv = kv_from_args(args)
@@ -135,7 +133,14 @@ def run_main(func: Callable[[], int]) -> int:
         return 130
     except BrokenPipeError:  # `mlx-mixtral generate ... | head`
         return 0
+
     except Exception as e:  # a bug: still one line, unless asked for the traceback
+        from .sharding import peer_lost
+
+        if peer_lost(e):
+            print(f"error: another process of this run died or lost its connection ({str(e).splitlines()[0]}); "
+                  "any reply is incomplete", file=sys.stderr)
+            return 1
         if os.environ.get("MLX_MIXTRAL_DEBUG"):
             raise
         print(f"error: unexpected {type(e).__name__}: {e} (set MLX_MIXTRAL_DEBUG=1 for details)",

@@ -17,19 +17,13 @@ from .errors import MixtralError
 
 def _read_prompt(args: argparse.Namespace) -> str:
     """`--prompt`, or stdin without the one newline that ends what `echo` (or a file) sends, so
-    `echo q | mlx-mixtral generate` and `--prompt q` see the same prompt. Under mlx.launch only
-    rank 0 reads stdin; the others get its text."""
-    from .sharding import from_rank0, world
+    `echo q | mlx-mixtral generate` and `--prompt q` see the same prompt."""
+    from .sharding import world
 
     if args.prompt is not None and args.prompt != "-":
         return args.prompt
-    group = world()
-    if group.size() > 1:
-        return from_rank0(_read_stdin() if group.rank() == 0 else None, group)
-    return _read_stdin()
-
-
-def _read_stdin() -> str:
+    if world().size() > 1:
+        raise MixtralError("under mlx.launch, stdin never ends (it is forwarded line by line): pass --prompt TEXT")
     if sys.stdin.isatty():
         raise MixtralError("no prompt: pass --prompt TEXT, or pipe the prompt into stdin")
     text = sys.stdin.read()

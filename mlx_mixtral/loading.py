@@ -27,6 +27,7 @@ from .expert_store import ExpertStore, is_expert_tensor
 from .kv_format import FLOAT, KVFormat
 from .model import Mixtral
 from .progress import progress_bar
+from .sharding import AllSum, Split, read_tensor, unpacked_width, world
 from .streamed_moe import stream_experts
 from .tokenizer import Tokenizer
 from .uncached_io import drop_file_from_page_cache, staging_bytes
@@ -120,9 +121,15 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
     With `max_memory` (bytes, a size like "12GB", or "auto") only the non-expert weights are
     loaded; experts are read from the files on demand into a cache that keeps the weights within
     that budget (see `expert_cache`). `context` sizes the KV cache `auto` leaves room for, stored
-    in the `kv` format.
+    in the `kv` format. Started by `mlx.launch` on N processes, each loads its 1/N (`sharding`).
     """
     folder = Path(folder)
+    group = world()
+    if group.size() > 1:
+        if max_memory is not None:
+            raise MixtralError("--max-memory (streaming experts) does not combine with several processes; "
+                               "leave it out: each process holds 1/N of the model")
+        return _load_sharded(folder, group, dtype, progress)
     config = ModelConfig.from_file(folder / "config.json")
     ckpt = Checkpoint(folder)
     shapes = ckpt.mlx_shapes(config)
@@ -149,6 +156,49 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
     if cache is not None:  # the resident part (and the fingerprint's samples): give them back
         for f in ckpt.files:
             drop_file_from_page_cache(f)
+    model.eval()
+    return model
+
+
+def _load_sharded(folder: Path, group: Any, dtype: mx.Dtype | None, progress: bool) -> Mixtral:
+    """This rank's slice of the model in `folder` (see `sharding`), its blocks' outputs summed over
+    `group`: each tensor read by offset, only the part this rank keeps."""
+    config = ModelConfig.from_file(folder / "config.json")
+    split = Split.plan(config, group.rank(), group.size())
+    ckpt = Checkpoint(folder)
+    full_shapes = ckpt.mlx_shapes(config)
+    check_tensors(build_model(config, full_shapes), ckpt, full_shapes)  # the files match the config
+    local = split.local_config(config)
+    shapes = {}
+    for name, shape in full_shapes.items():
+        cut = split.slices(name, config)
+        if cut is None:
+            shapes[name] = shape
+            continue
+        axis, a, b = cut
+        unpacked = unpacked_width(name, axis, config)
+        s = list(shape)
+        if (s[axis] * a) % unpacked or (s[axis] * b) % unpacked:
+            raise MixtralError(f"{folder}: splitting over {group.size()} processes would cut a quantization "
+                               f"group of {name} ({shape[axis]} columns for {unpacked} values); use fewer processes")
+        s[axis] = s[axis] * (b - a) // unpacked
+        shapes[name] = tuple(s)
+    model = build_model(local, shapes)
+    names = [n for n, _ in tree_flatten(model.parameters())]
+    with progress_bar(f"Loading 1/{group.size()} (rank {group.rank()})", total=len(names),
+                      enabled=progress) as advance:
+        for name in names:
+            cut = split.slices(name, config)
+            axis, a, b = cut if cut is not None else (None, 0, 0)
+            array = read_tensor(ckpt, name, config, axis, a, b, dtype)
+            model.load_weights([(name, array)], strict=False)
+            mx.eval(array)
+            advance()
+    for layer in model.layers:
+        layer.self_attn = AllSum(layer.self_attn, group)
+        layer.block_sparse_moe = AllSum(layer.block_sparse_moe, group)
+    model.split = split
+    model.fingerprint = f"{ckpt.fingerprint()}:rank{split.rank}/{split.size}"
     model.eval()
     return model
 

@@ -21,27 +21,79 @@ split on quantization-group boundaries, or the split is refused in one line.
 from __future__ import annotations
 
 import os
+import select
+import signal
+import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .checkpoint import Checkpoint, TensorBytes
 from .config import ModelConfig
 from .errors import MixtralError
 from .expert_store import SAFETENSORS_DTYPES, _to_mlx, memory_dtype
-from .progress import progress_bar
 
 _HF_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
+CONNECT_TIMEOUT = float(os.environ.get("MLX_MIXTRAL_CONNECT_TIMEOUT", "60"))  # seconds to find every peer
+_group = None
+
+
 def world() -> Any:
-    """This process's group: size 1 unless started by `mlx.launch` (or another MLX launcher)."""
-    return mx.distributed.init()
+    """This process's group: size 1 unless started by `mlx.launch` (or another MLX launcher).
+
+    Joining waits for every peer; one that never comes (a wrong host, a firewall, a process that
+    died at start) ends this process with a one-line error after CONNECT_TIMEOUT, not a hang.
+    """
+    global _group
+    if _group is None:
+        launched = any(k in os.environ for k in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_RANK"))
+        watcher = _watch_connect(CONNECT_TIMEOUT) if launched else None
+        _group = mx.distributed.init()
+        if watcher is not None:
+            fd, pid = watcher
+            os.write(fd, b"1")
+            os.close(fd)
+            os.waitpid(pid, 0)
+        if _group.size() > 1:
+            signal.signal(signal.SIGTERM, _terminated)
+    return _group
+
+
+def _watch_connect(timeout: float) -> tuple[int, int]:
+    """A forked watcher that ends this process with a one-line error unless told, through a pipe,
+    within `timeout` s that every peer connected. (MLX joins holding the GIL, so no Python thread
+    or signal handler of ours could run meanwhile; the watcher only sleeps and writes.)"""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        ready, _, _ = select.select([r], [], [], timeout)
+        if not ready:
+            os.write(2, (f"error: could not reach every process of this run within {timeout:.0f} s (check the "
+                         "hosts, that each one started, and the network; MLX_MIXTRAL_CONNECT_TIMEOUT sets the "
+                         "wait)\n").encode())
+            os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(0)
+    os.close(r)
+    return w, pid
+
+
+def _terminated(signum, frame) -> None:
+    """mlx.launch stops the others when one process ends: say so, in one line."""
+    print(f"error: process {_group.rank()} stopped: another process of this run ended (its error is above); "
+          "any reply is incomplete", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` is MLX's report of a peer that died or dropped off the network mid-run."""
+    message = str(e)
+    return isinstance(e, RuntimeError) and ("[ring]" in message or "peer" in message.lower())
 
 
 @dataclass(frozen=True)
@@ -124,52 +176,7 @@ def _read(where: TensorBytes, axis: int | None, start: int, stop: int, unpacked:
     return np.ascontiguousarray(a[tuple(index)])
 
 
-def load_sharded(folder: Path, group: Any, dtype: mx.Dtype | None = None, progress: bool = True):
-    """This rank's slice of the model in `folder` (see the module docstring), its blocks' outputs
-    summed over `group`."""
-    from .loading import build_model, check_tensors
-
-    config = ModelConfig.from_file(folder / "config.json")
-    split = Split.plan(config, group.rank(), group.size())
-    ckpt = Checkpoint(folder)
-    full_shapes = ckpt.mlx_shapes(config)
-    check_tensors(build_model(config, full_shapes), ckpt, full_shapes)  # the files match the config
-    local = split.local_config(config)
-    shapes = {}
-    for name, shape in full_shapes.items():
-        cut = split.slices(name, config)
-        if cut is None:
-            shapes[name] = shape
-            continue
-        axis, a, b = cut
-        unpacked = _unpacked_width(name, axis, config)
-        s = list(shape)
-        if (s[axis] * a) % unpacked or (s[axis] * b) % unpacked:
-            raise MixtralError(f"{folder}: splitting over {group.size()} processes would cut a quantization "
-                               f"group of {name} ({shape[axis]} columns for {unpacked} values); use fewer processes")
-        s[axis] = s[axis] * (b - a) // unpacked
-        shapes[name] = tuple(s)
-    model = build_model(local, shapes)
-    names = [n for n, _ in tree_flatten(model.parameters())]
-    with progress_bar(f"Loading 1/{group.size()} (rank {group.rank()})", total=len(names),
-                      enabled=progress) as advance:
-        for name in names:
-            cut = split.slices(name, config)
-            axis, a, b = cut if cut is not None else (None, 0, 0)
-            array = _read_mlx(ckpt, name, config, axis, a, b, dtype)
-            model.load_weights([(name, array)], strict=False)
-            mx.eval(array)
-            advance()
-    for layer in model.layers:
-        layer.self_attn = AllSum(layer.self_attn, group)
-        layer.block_sparse_moe = AllSum(layer.block_sparse_moe, group)
-    model.split = split
-    model.fingerprint = f"{ckpt.fingerprint()}:rank{split.rank}/{split.size}"
-    model.eval()
-    return model
-
-
-def _unpacked_width(name: str, axis: int, config: ModelConfig) -> int:
+def unpacked_width(name: str, axis: int, config: ModelConfig) -> int:
     """How many values the full tensor `name` holds along `axis` before packing or grouping."""
     D = config.head_dim
     if axis == 0 or axis == -2:  # output rows: never packed
@@ -178,10 +185,10 @@ def _unpacked_width(name: str, axis: int, config: ModelConfig) -> int:
     return config.num_attention_heads * D if ".o_proj." in name else config.intermediate_size
 
 
-def _read_mlx(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | None, a: int, b: int,
+def read_tensor(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | None, a: int, b: int,
               dtype: mx.Dtype | None) -> mx.array:
     """Tensor `name` (MLX layout), or its slice, read by offset; Hugging Face experts are stacked."""
-    unpacked = _unpacked_width(name, axis, config) if axis is not None else 1
+    unpacked = unpacked_width(name, axis, config) if axis is not None else 1
     head, sep, tail = name.partition(".block_sparse_moe.switch_mlp.")
     if sep and f"{head}.block_sparse_moe.experts.0.{_HF_EXPERT[tail.split('.')[0]]}.{tail.split('.')[1]}" in ckpt.origin:
         proj, part = tail.split(".")
@@ -193,17 +200,6 @@ def _read_mlx(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | None
         where = ckpt.byte_range(name)
         raw, stored = _read(where, axis, a, b, unpacked), where.dtype
     return _to_mlx(memoryview(raw).cast("B"), stored, memory_dtype(stored, dtype), raw.shape)
-
-
-def from_rank0(text: str | None, group: Any) -> str:
-    """Rank 0's `text` on every rank (a prompt read from rank 0's stdin, which the others lack)."""
-    data = np.frombuffer((text or "").encode(), np.uint8) if group.rank() == 0 else np.zeros(0, np.uint8)
-    n = int(mx.distributed.all_sum(mx.array([data.size], mx.int32), group=group).item())
-    mine = np.zeros(n, np.int32)
-    if group.rank() == 0:
-        mine[:] = data
-    shared = mx.distributed.all_sum(mx.array(mine), group=group)
-    return bytes(np.array(shared).astype(np.uint8)).decode()
 
 
 def shared_seed(seed: int | None, group: Any) -> int:

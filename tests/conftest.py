@@ -15,6 +15,7 @@ Names importable from tests (``from conftest import TINY_CONFIGS, PROBE_TOKENS``
     ==================  ==========================================================================
     ``gqa`` (default)   8 heads / 2 kv heads (head_dim 8), 8 experts top-2, rope_theta 1e6, 512 pos
     ``mha``             4 heads / 4 kv heads (head_dim 16)
+    ``mqa``             8 heads / 1 kv head (multi-query attention)
     ``experts4_top1``   4 experts, top-1
     ``experts6_top3``   6 experts, top-3
     ``head_dim``        4 heads / 2 kv heads with explicit head_dim 32 (!= 64 / 4): q_proj is
@@ -175,6 +176,7 @@ _BASE: dict[str, Any] = dict(
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gqa": dict(_BASE),
     "mha": {**_BASE, "num_attention_heads": 4, "num_key_value_heads": 4},
+    "mqa": {**_BASE, "num_key_value_heads": 1},
     "experts4_top1": {**_BASE, "num_local_experts": 4, "num_experts_per_tok": 1},
     "experts6_top3": {**_BASE, "num_local_experts": 6, "num_experts_per_tok": 3},
     "head_dim": {**_BASE, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32},

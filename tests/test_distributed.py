@@ -1,0 +1,170 @@
+"""Tensor parallelism under `mlx.launch`: 2 processes on loopback (ring backend, CPU) against 1.
+
+The same logits within float32 summation-order tolerance and the same greedy tokens, for GQA,
+MQA and top-1/2/3 routing, float and quantized, through the Python API and `generate`; splits
+that cannot work refused in one line; a peer that dies or never comes ends the run in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BIN = Path(sys.executable).parent
+LAUNCH, CLI = BIN / "mlx.launch", BIN / "mlx-mixtral"
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+TOLERANCE = 1e-4  # float32, summed in another order across 2 processes: measured up to ~1e-6
+
+SCRIPT = r'''
+import sys
+import mlx.core as mx
+import numpy as np
+import mlx_mixtral
+from mlx_mixtral.sampling import SamplingParams
+
+folder, out = sys.argv[1], sys.argv[2]
+model, tokenizer = mlx_mixtral.load(folder, progress=False)
+ids = tokenizer.encode(sys.argv[3])
+whole = model(mx.array([ids]))[0]                                   # no cache, all positions
+cache = mlx_mixtral.make_cache(model)
+chunked = mx.concatenate([model(mx.array([ids[i:i + 5]]), cache=cache)[0] for i in range(0, len(ids), 5)])
+mx.eval(whole, chunked)  # on every rank: each evaluation runs all_sums every rank must join
+tokens = [r.token for r in mlx_mixtral.stream_generate(model, tokenizer, ids, max_tokens=24,
+                                                       sampling=SamplingParams(), stop_on_eos=False)]
+if mx.distributed.init().rank() == 0:
+    np.savez(out, whole=np.array(whole), chunked=np.array(chunked), tokens=np.array(tokens))
+'''
+
+
+def launch(n: int, *command: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LAUNCH), "--backend", "ring", "-n", str(n), "--", *command],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ring():
+    """Skip (saying why) where mx.distributed cannot start 2 ring processes on loopback."""
+    probe = "import mlx.core as mx; print(mx.distributed.all_sum(mx.array([1.0])).item())"
+    if not LAUNCH.exists():
+        pytest.skip(f"no mlx.launch beside {sys.executable}")
+    try:
+        out = launch(2, sys.executable, "-c", probe, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.skip("mx.distributed: 2 ring processes on loopback did not connect within 60 s")
+    if out.returncode != 0 or out.stdout.split() != ["2.0", "2.0"]:
+        pytest.skip(f"mx.distributed cannot run 2 ring processes here: {out.stderr.strip()[:200]}")
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("distributed") / "logits.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def run_both(folder: Path, script: Path, tmp_path: Path) -> tuple[dict, dict]:
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    single = subprocess.run([sys.executable, str(script), str(folder), str(one), PROMPT],
+                            capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0, single.stderr
+    pair = launch(2, sys.executable, str(script), str(folder), str(two), PROMPT)
+    assert pair.returncode == 0, pair.stderr
+    return dict(np.load(one)), dict(np.load(two))
+
+
+@pytest.fixture(scope="module")
+def quantized(hf_checkpoint_factory, tmp_path_factory):
+    """The gqa fixture converted to 4 bits in groups of 32 (so each rank's o_proj half, 32 wide,
+    is one group) and in groups of 64 (which a 2-way split would cut)."""
+    made = {}
+    for group in (32, 64):
+        out = tmp_path_factory.mktemp(f"q4g{group}") / "model"
+        done = subprocess.run([sys.executable, "-m", "convert", "--hf-path", str(hf_checkpoint_factory("gqa")),
+                               "--mlx-path", str(out), "-q", "--q-bits", "4", "--q-group-size", str(group)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        made[group] = out
+    return made
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa", "experts4_top1", "experts6_top3"])
+def test_two_processes_give_one_processs_logits_and_tokens(name, hf_checkpoint_factory, script, tmp_path):
+    one, two = run_both(hf_checkpoint_factory(name), script, tmp_path)
+    for key in ("whole", "chunked"):
+        diff = np.abs(one[key] - two[key]).max()
+        assert diff < TOLERANCE, (key, diff)
+    assert one["tokens"].tolist() == two["tokens"].tolist()
+
+
+def test_a_quantized_folder_splits_on_group_boundaries(quantized, script, tmp_path):
+    one, two = run_both(quantized[32], script, tmp_path)
+    assert np.abs(one["whole"] - two["whole"]).max() < TOLERANCE
+    assert one["tokens"].tolist() == two["tokens"].tolist()
+
+
+def test_generate_under_mlx_launch_prints_the_same_answer_once(hf_checkpoint_factory):
+    folder = hf_checkpoint_factory("gqa")
+    args = ["generate", "--model", str(folder), "--raw", "--prompt", PROMPT, "--max-tokens", "24"]
+    single = subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=120)
+    pair = launch(2, str(CLI), *args)
+    assert single.returncode == 0 and pair.returncode == 0, pair.stderr
+    assert pair.stdout == single.stdout  # rank 0 alone writes it
+    assert pair.stderr.count("tensor parallel over 2 processes") == 1
+
+
+@pytest.mark.parametrize("n,which,needle", [
+    (3, "gqa", "cannot split 8 attention heads over 3 processes: use a process count that divides 8"),
+    (2, "q64", "would cut a quantization group of model.layers.0.self_attn.o_proj"),
+])
+def test_splits_that_cannot_work_are_refused_in_one_line(n, which, needle, hf_checkpoint_factory, quantized):
+    folder = quantized[64] if which == "q64" else hf_checkpoint_factory(which)
+    out = launch(n, str(CLI), "generate", "--model", str(folder), "--raw", "--prompt", "hi")
+    assert "exited with code 1" in out.stderr  # (mlx.launch itself exits 0 whatever its processes do)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all(needle in line for line in errors), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_stdin_prompts_are_refused_under_mlx_launch(hf_checkpoint_factory):
+    out = launch(2, str(CLI), "generate", "--model", str(hf_checkpoint_factory("gqa")), "--raw")
+    assert "exited with code 1" in out.stderr and "stdin never ends" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_peer_that_dies_mid_reply_ends_the_run_in_one_line(hf_checkpoint_factory, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(hf_checkpoint_factory("gqa"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    generate = f"{CLI} generate --model {folder} --raw --prompt hi --max-tokens 16000"
+    # Rank 1 is killed 4 s in (loaded, generating); rank 0 must not hang waiting for it.
+    killer = f'if [ "$MLX_RANK" = 1 ]; then (sleep 4; kill -9 $$) & fi; exec {generate}'
+    out = launch(2, "bash", "-c", killer, timeout=90)
+    assert "Node with rank 1 was killed" in out.stderr or "rank 1 exited" in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors and any("another process of this run" in line for line in errors), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_peer_that_never_comes_is_a_one_line_timeout(hf_checkpoint_factory, tmp_path):
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    env = {**os.environ, "MLX_RANK": "0", "MLX_HOSTFILE": str(hosts), "MLX_MIXTRAL_CONNECT_TIMEOUT": "3"}
+    out = subprocess.run([str(CLI), "generate", "--model", str(hf_checkpoint_factory("gqa")), "--raw",
+                          "--prompt", "hi"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        "error: could not reach every process of this run within 3 s (check the hosts, that each one started, "
+        "and the network; MLX_MIXTRAL_CONNECT_TIMEOUT sets the wait)"]
