@@ -251,10 +251,12 @@ class ChatSession:
     def save(self, path: str | os.PathLike, kv: bool | None = None) -> tuple[Path, bool]:
         """Write the conversation as JSON to `path` and, beside it (`path` + ".kv"), its KV cache:
         always (`kv=True`), never (False), or when it takes at most KV_SAVE_LIMIT (None).
-        Returns (path, whether the KV cache was saved). A stale .kv beside it is removed."""
+        Returns (path, whether the KV cache was saved). A stale .kv beside it is removed. A model
+        split over processes keeps no .kv (each process holds a different part of the cache)."""
         path = self.conversation.save(path)
         kv_path = kv_file(path)
-        keep = bool(self.cache.ids) and (kv if kv is not None else self.cache.nbytes <= KV_SAVE_LIMIT)
+        split = getattr(self.model, "split", None) is not None
+        keep = bool(self.cache.ids) and not split and (kv if kv is not None else self.cache.nbytes <= KV_SAVE_LIMIT)
         if keep:
             prompt_cache.save(kv_path, self.cache, self.tokenizer)
         else:

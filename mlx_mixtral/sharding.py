@@ -162,6 +162,23 @@ class AllSum(nn.Module):
     def __call__(self, *args: Any) -> mx.array:
         return mx.distributed.all_sum(self.block(*args), group=self._group)
 
+    # Transparent otherwise: `layer.block_sparse_moe.switch_mlp` is the wrapped block's, for reading
+    # and for replacing (the routing log installs its recorders there).
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            block = self.get("block")
+            if block is None:
+                raise
+            return getattr(block, key)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if "block" not in self or key.startswith("_"):  # while constructing, and private state
+            super().__setattr__(key, value)
+        else:
+            setattr(self["block"], key, value)
+
 
 def _read(where: TensorBytes, axis: int | None, start: int, stop: int, unpacked: int) -> np.ndarray:
     """Elements [start, stop) along `axis` (counted in unpacked elements: a packed or grouped

@@ -168,3 +168,23 @@ def test_a_peer_that_never_comes_is_a_one_line_timeout(hf_checkpoint_factory, tm
     assert out.stderr.strip().splitlines() == [
         "error: could not reach every process of this run within 3 s (check the hosts, that each one started, "
         "and the network; MLX_MIXTRAL_CONNECT_TIMEOUT sets the wait)"]
+
+
+def test_chat_under_mlx_launch_is_the_same_conversation(hf_checkpoint_factory):
+    """Every process reads the lines mlx.launch forwards; rank 0 alone draws the screen. Sampled
+    replies (seeded) and the experts heatmap match a single-process chat's."""
+    folder = hf_checkpoint_factory("gqa")
+    lines = "hello there\n/set temp 0.9\nwhat now\n/experts\n"
+    args = ["chat", "--model", str(folder), "--max-tokens", "10", "--temp", "0", "--seed", "3"]
+    single = subprocess.run([str(CLI), *args], input=lines + "/exit\n", capture_output=True, text=True, timeout=120)
+    # mlx.launch forwards stdin but never its end: /exit comes after the replies.
+    script = f"(printf '{lines}'; sleep 10; printf '/exit\\n') | {LAUNCH} --backend ring -n 2 -- {CLI} {' '.join(args)}"
+    pair = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+
+    def screen(text: str) -> list[str]:  # without speed figures and the launcher's own lines
+        noise = ("prompt:", "context:", "tensor parallel", "every expert", "[ring]", "\x1b[33m[WARN]")
+        return [line.rstrip() for line in text.splitlines() if line.strip() and not line.startswith(noise)]
+
+    assert "error" not in pair.stdout + pair.stderr, pair.stderr
+    assert screen(pair.stdout + pair.stderr) == screen(single.stdout + single.stderr)
+    assert "experts used over the last reply" in pair.stdout
