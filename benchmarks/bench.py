@@ -48,6 +48,7 @@ from mlx_mixtral.errors import MixtralError  # noqa: E402
 from mlx_mixtral.expert_cache import DEFAULT_POLICY, POLICIES  # noqa: E402
 from mlx_mixtral.kv_format import FLOAT, KV_BITS, KV_GROUP_SIZES, kv_format  # noqa: E402
 from mlx_mixtral.loading import load_model, would_fit  # noqa: E402
+from mlx_mixtral.sharding import world  # noqa: E402
 
 OURS = "mlx-mixtral"
 MLX_LM = "mlx-lm"
@@ -425,8 +426,58 @@ def load_streamed(args: argparse.Namespace, log: Callable[[str], None]) -> list[
     return engines
 
 
+def load_distributed(args: argparse.Namespace, group: Any, log: Callable[[str], None]) -> list[Engine]:
+    """Under mlx.launch: mlx-mixtral alone, each process loading its 1/N from a folder (a
+    --synthetic one is written by rank 0, once, into --synthetic-dir: on one machine, or a
+    folder every host shares; else pass --model)."""
+    if args.compare or args.dense_baseline or args.max_memory is not None:
+        raise MixtralError("under mlx.launch, bench.py runs mlx-mixtral alone: leave out --compare, "
+                           "--dense-baseline and --max-memory")
+    path = args.model
+    if args.synthetic:
+        if group.rank() == 0:
+            path = synthetic_folder(args, log)
+        mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))  # the others wait for it
+        path = args.synthetic_dir / f"{args.synthetic}-{args.bits}bit-seed{args.seed}"
+        if not (path / "config.json").exists():
+            raise MixtralError(f"{path}: not on this host; write it here too, or pass --model")
+    log(f"loading {path}, 1/{group.size()} per process")
+    return [load_ours(path, args.prefill_step)]
+
+
+def communication(engine: Engine, group: Any, chunk: int, trials: int = 200) -> dict[str, Any]:
+    """What the tensor split sends: 2 all_sums of a hidden-wide activation per layer and token
+    (a ring all-reduce moves 2(N-1)/N of it per process), and what one costs here, timed alone
+    (decode-sized, and prefill-chunk-sized), so its share of a token's time can be read off."""
+    config, n = engine.config, group.size()
+    itemsize = engine.model.layers[0].input_layernorm.weight.dtype.size
+    per_token = 2 * config.num_hidden_layers * config.hidden_size * itemsize * 2 * (n - 1) / n
+    timed = {}
+    for label, rows in (("decode", 1), (f"chunk{chunk}", chunk)):
+        x = mx.ones((1, rows, config.hidden_size), engine.model.layers[0].input_layernorm.weight.dtype)
+        mx.eval(mx.distributed.all_sum(x, group=group))
+        start = time.perf_counter()
+        for _ in range(trials):
+            mx.eval(mx.distributed.all_sum(x, group=group))
+        timed[label] = (time.perf_counter() - start) / trials
+    return {"processes": n, "bytes_sent_per_token_per_process": per_token,
+            "all_sums_per_token": 2 * config.num_hidden_layers, "all_sum_s_decode": timed["decode"],
+            f"all_sum_s_chunk{chunk}": timed[f"chunk{chunk}"],
+            "all_sum_s_per_token": 2 * config.num_hidden_layers * timed["decode"]}
+
+
+def gathered(value: float, group: Any) -> list[float]:
+    """Every process's `value`, in rank order."""
+    mine = np.zeros(group.size(), np.float32)
+    mine[group.rank()] = value
+    return np.array(mx.distributed.all_sum(mx.array(mine), group=group)).tolist()
+
+
 def load_engines(args: argparse.Namespace, log: Callable[[str], None]) -> list[Engine]:
     step = args.prefill_step
+    group = world()
+    if group.size() > 1:
+        return load_distributed(args, group, log)
     if args.max_memory is not None:
         return load_streamed(args, log)
     with tempfile.TemporaryDirectory(prefix="mlx-mixtral-bench-") as tmp:
@@ -502,6 +553,22 @@ def report(result: dict[str, Any]) -> None:
         rf.add_row(r["engine"], r["test"], f"{r['bytes_per_token'] / 1e9:.4g}", f"{r['achieved_gbs']:.2f}",
                    f"{100 * r['fraction_of_reference']:.1f}% of {r['reference_gbs']:.1f} GB/s ({r['reference']})")
     console.print(rf)
+    dist = result.get("distributed")
+    if dist:
+        dt = Table(title=f"tensor parallel over {dist['processes']} processes")
+        dt.add_column("")
+        dt.add_column("", justify="right")
+        for key, value in (
+            ("weights per process", " / ".join(f"{g:.2f}" for g in dist["weights_gb_per_process"]) + " GB"),
+            ("peak memory per process", " / ".join(f"{g:.2f}" for g in dist["peak_memory_gb_per_process"]) + " GB"),
+            ("peak RSS per process", " / ".join(f"{g:.2f}" for g in dist["peak_rss_gb_per_process"]) + " GB"),
+            ("sent per token per process", f"{dist['bytes_sent_per_token_per_process'] / 1e3:.1f} KB "
+                                           f"in {dist['all_sums_per_token']} all_sums"),
+            ("one decode all_sum", f"{1e6 * dist['all_sum_s_decode']:.0f} us"),
+            ("all_sums per decoded token", f"{1e3 * dist['all_sum_s_per_token']:.2f} ms"),
+        ):
+            dt.add_row(key, value)
+        console.print(dt)
     st = result.get("streaming")
     if st:
         held = "n/a" if st["page_cache_gb"] is None else f"{st['page_cache_gb']:.2f} GB"
@@ -535,7 +602,9 @@ def check_context(args: argparse.Namespace, limit: int, log: Callable[[str], Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    group = world()
+    lead = group.rank() == 0  # under mlx.launch, rank 0 alone reports
+    log = (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)) if lead else (lambda msg: None)  # noqa: E731
     try:
         engines = load_engines(args, log)
         for e in engines:
@@ -567,6 +636,14 @@ def main(argv: list[str] | None = None) -> int:
         "roofline": roofline_rows(engines, figures, args.tg, roofline.reference_bandwidth()),
         "peak_rss_gb": rss / 1e9,
     }
+    if group.size() > 1:
+        result["distributed"] = {
+            **communication(engines[0], group, args.prefill_step),
+            "peak_memory_gb_per_process": gathered(result["engines"][0]["peak_memory_gb"], group),
+            "weights_gb_per_process": gathered(engines[0].weight_bytes / 1e9, group),
+            "peak_rss_gb_per_process": gathered(rss / 1e9, group)}
+    if not lead:
+        return 0
     streamed = engines[0].expert_cache
     if streamed is not None:
         files = streamed.store.files
