@@ -100,6 +100,13 @@ class Engine:
     def trim(self, cache: list, depth: int) -> None:
         raise NotImplementedError
 
+    def fill(self, cache: list, context: list[int], random_kv: bool) -> None:
+        """Put `context` in `cache`: prefilled, or (`random_kv`) random keys and values of its
+        length written straight in (generation costs the same whatever the cache holds)."""
+        if random_kv:
+            raise MixtralError(f"--fill random is not available for {self.name}")
+        _run(self, context, 1, cache)
+
     def position_bytes(self, cache: list) -> int:
         """Bytes one position takes in `cache`, over all layers."""
         raise NotImplementedError
@@ -126,6 +133,20 @@ class Ours(Engine):
     def trim(self, cache: list, depth: int) -> None:
         for c in cache:
             c.trim(c.offset - depth)
+
+    def fill(self, cache: list, context: list[int], random_kv: bool) -> None:
+        if not random_kv:
+            return super().fill(cache, context, random_kv)
+        config, rng = self.config, mx.random.key(len(context))
+        shape = (1, self.model.layers[0].self_attn.n_kv_heads, 0, config.head_dim)
+        dtype = self.model.layers[0].input_layernorm.weight.dtype
+        for start in range(0, len(context), 1024):  # in chunks: no spike of a whole context's floats
+            n = min(1024, len(context) - start)
+            for c in cache:
+                rng, a, b = mx.random.split(rng, 3)
+                kv = [mx.random.normal((*shape[:2], n, shape[3]), key=k).astype(dtype) for k in (a, b)]
+                c.update_and_fetch(*kv)
+            mx.eval([c.state for c in cache])
 
 
 class MlxLm(Engine):
@@ -231,8 +252,9 @@ def random_prompt(rng: np.random.Generator, vocab: int, length: int) -> list[int
 
 
 def measure(engines: list[Engine], pp: list[int], tg: int, depths: list[int], trials: int,
-            seed: int = 0, log: Callable[[str], None] = lambda _: None) -> list[Figure]:
-    """Every figure for every engine, interleaved per trial; trial 0 is the discarded warm-up."""
+            seed: int = 0, log: Callable[[str], None] = lambda _: None, random_kv: bool = False) -> list[Figure]:
+    """Every figure for every engine, interleaved per trial; trial 0 is the discarded warm-up.
+    At each depth after 0 the first pp size is also timed after the context (ppN@dD)."""
     rng = np.random.default_rng(seed)
     vocab = engines[0].config.vocab_size
     figures: list[Figure] = []
@@ -265,7 +287,16 @@ def measure(engines: list[Engine], pp: list[int], tg: int, depths: list[int], tr
         context = random_prompt(rng, vocab, depth)
         for e in engines:
             if depth:
-                _run(e, context, 1, caches[e.name])  # fill the context once; trials trim back to it
+                e.fill(caches[e.name], context, random_kv)  # once; trials trim back to it
+        if depth and pp:
+            deep = new(f"pp{pp[0]}@d{depth}", "tok/s")
+            for trial in range(trials + 1):
+                prompt = random_prompt(rng, vocab, pp[0])
+                for e in engines:
+                    e.trim(caches[e.name], depth)
+                    first = _run(e, prompt, 1, caches[e.name])[0]
+                    if trial:
+                        deep[e.name].samples.append(pp[0] / first)
         for trial in range(trials + 1):
             prompt = random_prompt(rng, vocab, 1)
             for e in engines:
@@ -352,6 +383,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run mlx-mixtral with 8- and 4-bit KV caches on the same weights, interleaved "
                         "with the float cache, and report their speed ratios")
     p.add_argument("--prefill-step", type=int, default=512, help="prefill chunk, the same for all engines")
+    p.add_argument("--fill", choices=("prefill", "random"), default="prefill",
+                   help="how tg/pp at a depth get their context: prefilled (default), or random keys and "
+                        "values written into the cache (mlx-mixtral only; the same cost per token, minutes "
+                        "sooner at 16k on a CPU)")
     p.add_argument("--compare", choices=[MLX_LM], help="also run this peer on the same model")
     p.add_argument("--dense-baseline", action="store_true",
                    help="also run a dense model with the same active parameters per token")
@@ -612,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.kv_sweep:
             engines += kv_variants(engines[0], args.kv_group_size)
         check_context(args, engines[0].config.max_position_embeddings, log)
-        figures = measure(engines, args.pp, args.tg, args.depth, args.trials, args.seed, log)
+        figures = measure(engines, args.pp, args.tg, args.depth, args.trials, args.seed, log,
+                          random_kv=args.fill == "random")
         rss = disk.peak_rss()  # of the runs, before the bandwidth probes below allocate their own
     except MixtralError as e:
         print(f"error: {e}", file=sys.stderr)

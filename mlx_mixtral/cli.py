@@ -41,6 +41,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     system = args.system
     if args.prompt_cache is not None:  # continue the cached text: encode the whole, reuse its prefix
         from . import prompt_cache
+        from .sharding import single_process
+
+        single_process("generate --prompt-cache")
 
         saved = prompt_cache.peek(args.prompt_cache)
         if saved.get("mode") != ("raw" if args.raw else "chat"):
@@ -127,6 +130,9 @@ def cmd_cache_prompt(args: argparse.Namespace) -> int:
     from .budget import gb
     from .generate import prefill
     from .progress import progress_bar
+    from .sharding import single_process
+
+    single_process("cache-prompt")
 
     path = Path(args.prompt_file).expanduser()
     try:

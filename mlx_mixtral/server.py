@@ -286,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .budget import gb, parse_size
     from .prompt_pool import PromptPool
+    from .sharding import single_process
+
+    single_process("serve")
 
     sampling = sampling_from_args(args)
     if args.max_queue < 1:

@@ -90,6 +90,12 @@ def _terminated(signum, frame) -> None:
     os._exit(1)
 
 
+def single_process(what: str) -> None:
+    """Refuse, in one line, a front door that cannot run split over processes."""
+    if world().size() > 1:
+        raise MixtralError(f"{what} runs in one process, not under mlx.launch; start it on its own")
+
+
 def peer_lost(e: BaseException) -> bool:
     """Whether `e` is MLX's report of a peer that died or dropped off the network mid-run."""
     message = str(e)

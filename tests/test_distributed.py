@@ -21,7 +21,7 @@ import pytest
 BIN = Path(sys.executable).parent
 LAUNCH, CLI = BIN / "mlx.launch", BIN / "mlx-mixtral"
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
-TOLERANCE = 1e-4  # float32, summed in another order across 2 processes: measured up to ~1e-6
+TOLERANCE = 1e-4  # float32, summed in another order across 2 processes: measured 8.8e-6 to 1.04e-5
 
 SCRIPT = r'''
 import sys
@@ -100,13 +100,16 @@ def test_two_processes_give_one_processs_logits_and_tokens(name, hf_checkpoint_f
     one, two = run_both(hf_checkpoint_factory(name), script, tmp_path)
     for key in ("whole", "chunked"):
         diff = np.abs(one[key] - two[key]).max()
+        print(f"{name} {key}: max |logit difference| {diff:.2e}")
         assert diff < TOLERANCE, (key, diff)
     assert one["tokens"].tolist() == two["tokens"].tolist()
 
 
 def test_a_quantized_folder_splits_on_group_boundaries(quantized, script, tmp_path):
     one, two = run_both(quantized[32], script, tmp_path)
-    assert np.abs(one["whole"] - two["whole"]).max() < TOLERANCE
+    diff = np.abs(one["whole"] - two["whole"]).max()
+    print(f"4-bit g32 whole: max |logit difference| {diff:.2e}")
+    assert diff < TOLERANCE
     assert one["tokens"].tolist() == two["tokens"].tolist()
 
 
@@ -188,3 +191,15 @@ def test_chat_under_mlx_launch_is_the_same_conversation(hf_checkpoint_factory):
     assert "error" not in pair.stdout + pair.stderr, pair.stderr
     assert screen(pair.stdout + pair.stderr) == screen(single.stdout + single.stderr)
     assert "experts used over the last reply" in pair.stdout
+
+
+def test_single_process_front_doors_refuse_mlx_launch(hf_checkpoint_factory, tmp_path):
+    folder = str(hf_checkpoint_factory("gqa"))
+    text = tmp_path / "doc.txt"
+    text.write_text("some text")
+    for args, needle in ((["serve", "--model", folder, "--port", "0"], "serve runs in one process"),
+                         (["cache-prompt", "--model", folder, "--prompt-file", str(text), "--out", str(tmp_path / "c")],
+                          "cache-prompt runs in one process")):
+        out = launch(2, str(CLI), *args, timeout=120)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert errors and all(needle in line for line in errors), out.stderr
