@@ -36,7 +36,7 @@ def test_bench_runs_on_tiny_synthetic_with_peer_and_dense_baseline(tmp_path):
     result = json.loads(out.read_text())
     engines = {"mlx-mixtral", "mlx-lm", "dense"}
     assert {e["engine"] for e in result["engines"]} == engines
-    tests = {"ttft@pp16", "pp16", "pp32", "tg8@d0", "tg8@d20"}
+    tests = {"ttft@pp16", "pp16", "pp32", "tg8@d0", "tg8@d20", "pp16@d20"}
     figures = {(f["engine"], f["test"]): f for f in result["figures"]}
     assert set(figures) == {(e, t) for e in engines for t in tests}
     for f in figures.values():
@@ -183,3 +183,22 @@ def test_spans_cover_the_range_in_nearly_equal_parts():
     assert device.spans(2, 16) == [(0, 1), (1, 2)]
     assert device.spans(7, 2) == [(0, 3), (3, 7)]
     assert device.spans(5, 1) == [(0, 5)]
+
+
+def test_bench_fills_a_deep_context_with_random_keys_and_values(tmp_path):
+    """--fill random: tg and pp at a depth without prefilling it; only for our own engine."""
+    out = tmp_path / "bench.json"
+    proc = _bench("--synthetic", "tiny", "--trials", "1", "--pp", "8", "--tg", "4", "--depth", "0", "600",
+                  "--fill", "random", "--json", str(out), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert {f["test"] for f in result["figures"]} == {"ttft@pp8", "pp8", "tg4@d0", "tg4@d600", "pp8@d600"}
+    refused = _bench("--synthetic", "tiny", "--trials", "1", "--pp", "8", "--tg", "4", "--depth", "40",
+                     "--fill", "random", "--compare", "mlx-lm", tmp_path=tmp_path)
+    assert refused.returncode == 2 and "--fill random is not available for mlx-lm" in refused.stderr
+    import bench
+
+    engine = bench.build_synthetic(synthetic.shape_config("tiny", 4), "ours", 16)
+    cache = engine.new_cache()
+    engine.fill(cache, list(range(600)), random_kv=True)
+    assert [c.offset for c in cache] == [600] * len(cache)  # the context really is 600 deep
