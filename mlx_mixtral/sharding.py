@@ -209,9 +209,10 @@ def unpacked_width(name: str, axis: int, config: ModelConfig) -> int:
 
 
 def read_tensor(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | None, a: int, b: int,
-              dtype: mx.Dtype | None) -> mx.array:
+                dtype: mx.Dtype | None, unpacked: int | None = None) -> mx.array:
     """Tensor `name` (MLX layout), or its slice, read by offset; Hugging Face experts are stacked."""
-    unpacked = unpacked_width(name, axis, config) if axis is not None else 1
+    if unpacked is None:  # how many values `axis` holds unpacked (given for an axis the split does not cut)
+        unpacked = unpacked_width(name, axis, config) if axis is not None else 1
     head, sep, tail = name.partition(".block_sparse_moe.switch_mlp.")
     if sep and f"{head}.block_sparse_moe.experts.0.{_HF_EXPERT[tail.split('.')[0]]}.{tail.split('.')[1]}" in ckpt.origin:
         proj, part = tail.split(".")

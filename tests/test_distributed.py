@@ -113,8 +113,9 @@ def test_a_quantized_folder_splits_on_group_boundaries(quantized, script, tmp_pa
     assert one["tokens"].tolist() == two["tokens"].tolist()
 
 
-def test_generate_under_mlx_launch_prints_the_same_answer_once(hf_checkpoint_factory):
-    folder = hf_checkpoint_factory("gqa")
+@pytest.mark.parametrize("name", ["gqa", "mqa", "experts4_top1", "experts6_top3"])
+def test_generate_under_mlx_launch_prints_the_same_answer_once(name, hf_checkpoint_factory):
+    folder = hf_checkpoint_factory(name)
     args = ["generate", "--model", str(folder), "--raw", "--prompt", PROMPT, "--max-tokens", "24"]
     single = subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=120)
     pair = launch(2, str(CLI), *args)
