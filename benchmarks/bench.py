@@ -433,10 +433,14 @@ def _synthetic_config(args: argparse.Namespace) -> ModelConfig:
     return config
 
 
+def synthetic_path(args: argparse.Namespace) -> Path:
+    return args.synthetic_dir / f"{args.synthetic}-{args.bits}bit-seed{args.seed}"
+
+
 def synthetic_folder(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """The synthetic shape as files on disk (written once, layer by layer, then reused)."""
     config = synthetic.shape_config(args.synthetic, args.bits)
-    folder = args.synthetic_dir / f"{args.synthetic}-{args.bits}bit-seed{args.seed}"
+    folder = synthetic_path(args)
     if (folder / "config.json").exists():
         return folder
     log(f"writing synthetic {args.synthetic} ({args.bits} bits) to {folder} (once)")
@@ -471,9 +475,9 @@ def load_distributed(args: argparse.Namespace, group: Any, log: Callable[[str], 
     path = args.model
     if args.synthetic:
         if group.rank() == 0:
-            path = synthetic_folder(args, log)
+            synthetic_folder(args, log)
         mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))  # the others wait for it
-        path = args.synthetic_dir / f"{args.synthetic}-{args.bits}bit-seed{args.seed}"
+        path = synthetic_path(args)
         if not (path / "config.json").exists():
             raise MixtralError(f"{path}: not on this host; write it here too, or pass --model")
     log(f"loading {path}, 1/{group.size()} per process")

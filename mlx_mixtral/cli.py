@@ -77,11 +77,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         log = log_of(model)
         log.reset()
     last = None
-    seed = args.seed
-    if getattr(model, "split", None) is not None:  # every rank must sample the same tokens
-        from .sharding import shared_seed, world
+    from .sharding import agreed_seed
 
-        seed = shared_seed(seed, world())
+    seed = agreed_seed(model, args.seed)
     for last in mlx_mixtral.stream_generate(
         model, tokenizer, fed, max_tokens=args.max_tokens, sampling=sampling,
         seed=seed, stop=args.stop or (), cache=cache, history=history,

@@ -446,12 +446,13 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_from_args(
         args, lambda line: console.print(line, style="dim", markup=False, highlight=False),
         context=lambda _: args.max_context)
-    if getattr(model, "split", None) is not None and settings.seed is None:
+    from .sharding import agreed_seed
+
+    session_seed = agreed_seed(model, settings.seed)
+    if session_seed is not None and settings.seed is None:  # split over processes: one RNG state for all
         import mlx.core as mx
 
-        from .sharding import shared_seed, world
-
-        mx.random.seed(shared_seed(None, world()))  # every process must sample the same tokens
+        mx.random.seed(session_seed)
     session = ChatSession(model, tokenizer, settings, args.max_context, args.system,
                           kv_from_args(args, model.config.head_dim))
     reader = LineReader(history_path(), warn=lambda text: console.print(text, style="yellow", markup=False))

@@ -226,10 +226,12 @@ def read_tensor(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | No
     return _to_mlx(memoryview(raw).cast("B"), stored, memory_dtype(stored, dtype), raw.shape)
 
 
-def shared_seed(seed: int | None, group: Any) -> int:
-    """One sampling seed for every rank (the given one, or rank 0's random pick), so ranks that
-    sample the same logits pick the same tokens."""
-    if seed is not None:
+def agreed_seed(model: Any, seed: int | None) -> int | None:
+    """The sampling seed to use: `seed` as given for a model in one process; split over
+    processes, one seed for all of them (`seed`, or rank 0's random pick), so that processes
+    sampling the same logits pick the same tokens."""
+    if getattr(model, "split", None) is None or seed is not None:
         return seed
+    group = world()
     mine = int.from_bytes(os.urandom(4), "little") >> 1 if group.rank() == 0 else 0
     return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item())
