@@ -34,9 +34,7 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorBytes
 from .config import ModelConfig
 from .errors import MixtralError
-from .expert_store import SAFETENSORS_DTYPES, _to_mlx, memory_dtype
-
-_HF_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+from .expert_store import _HF_NAMES, SAFETENSORS_DTYPES, _to_mlx, memory_dtype
 
 
 CONNECT_TIMEOUT = float(os.environ.get("MLX_MIXTRAL_CONNECT_TIMEOUT", "60"))  # seconds to find every peer
@@ -214,10 +212,10 @@ def read_tensor(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | No
     if unpacked is None:  # how many values `axis` holds unpacked (given for an axis the split does not cut)
         unpacked = unpacked_width(name, axis, config) if axis is not None else 1
     head, sep, tail = name.partition(".block_sparse_moe.switch_mlp.")
-    if sep and f"{head}.block_sparse_moe.experts.0.{_HF_EXPERT[tail.split('.')[0]]}.{tail.split('.')[1]}" in ckpt.origin:
-        proj, part = tail.split(".")
-        sources = [ckpt.byte_range(f"{head}.block_sparse_moe.experts.{e}.{_HF_EXPERT[proj]}.{part}")
-                   for e in range(config.num_local_experts)]
+    proj, _, part = tail.partition(".")
+    per_expert = f"{head}.block_sparse_moe.experts.{{}}.{_HF_NAMES.get(proj)}.{part}"  # Hugging Face layout
+    if sep and per_expert.format(0) in ckpt.origin:
+        sources = [ckpt.byte_range(per_expert.format(e)) for e in range(config.num_local_experts)]
         # Each expert's tensor is one stacked row: the same (negative) axis, one dimension fewer.
         raw, stored = np.stack([_read(w, axis, a, b, unpacked) for w in sources]), sources[0].dtype
     else:
