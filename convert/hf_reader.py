@@ -23,8 +23,8 @@ from mlx_mixtral.loading import build_model, check_tensors, resolve
 from mlx_mixtral.model import Mixtral
 
 # Copied as they are: ours and mlx-lm's (via transformers) tokenizer loading read these.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 _HEADER_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
 
 

@@ -3,7 +3,7 @@
 No HTTP here (that is `server`) and no model (that is `scheduler`): a request body goes in, a
 `Request` with token ids and sampling parameters comes out, or an `APIError` that says in one line
 what is wrong and which field, with the status and error body OpenAI's clients expect. Chat
-requests are encoded with our Mixtral-Instruct v1 encoding (`chat_format`: exactly
+requests are encoded with our Mixtral-Instruct v1 encoding (`tokenizer.mistral_format`: exactly
 mistral-common's ids), never with a re-rendered template string.
 
 Fields OpenAI defines that we cannot honour (n > 1, logprobs, tools, penalties other than the
@@ -181,7 +181,7 @@ def _content(message: dict, i: int) -> str:
 
 
 def _messages(body: dict) -> list[dict]:
-    """The conversation as chat_format takes it: roles mapped, contents as text."""
+    """The conversation as the chat format takes it: roles mapped, contents as text."""
     messages = body.get("messages")
     if messages is None:
         raise bad("messages is required: a list of {role, content} objects", "messages")

@@ -202,6 +202,14 @@ _KNOWN_SEEDS: dict[str, int] = {
 # Variants for which mlx-lm 0.32's mixtral model is a faithful reference.
 MLX_LM_COMPATIBLE = ("gqa", "mha", "experts4_top1", "experts6_top3", "rope_theta", "tied")
 
+INSTRUCT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
 TOKENIZER_CONFIG: dict[str, Any] = {
     "tokenizer_class": "LlamaTokenizer",
     "legacy": True,
@@ -212,6 +220,9 @@ TOKENIZER_CONFIG: dict[str, Any] = {
     "add_eos_token": False,
     "clean_up_tokenization_spaces": False,
     "model_max_length": 32768,
+    # Mixtral-8x7B-Instruct-v0.1's template as the hub ships it: it marks the folder as the Instruct
+    # model (a folder without a template is a base model), whose prompts follow mistral-common.
+    "chat_template": INSTRUCT_TEMPLATE,
 }
 
 

@@ -16,7 +16,7 @@ from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mlx_mixtral.chat_format import encode_chat
+from mlx_mixtral.tokenizer.mistral_format import MistralFormat
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.tokenizer import Tokenizer
 
@@ -146,7 +146,7 @@ def test_layout_with_a_character_encoder() -> None:
     """The structure, readable: one char per id, BOS=-1, EOS=-2."""
     encode = lambda text: [ord(c) for c in text]  # noqa: E731
     messages = [S("sys"), U("a"), A("b"), U("c"), A("d", prefix=True)]
-    ids = encode_chat(messages, encode, bos_id=-1, eos_id=-2)
+    ids = MistralFormat(1, encode, bos_id=-1, eos_id=-2).encode(messages)
     text = "".join({-1: "<BOS>", -2: "<EOS>"}.get(i) or chr(i) for i in ids)
     assert text == "<BOS>[INST] sys\n\na [/INST]b<EOS>[INST] c [/INST]d"
 

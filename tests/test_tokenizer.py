@@ -75,9 +75,19 @@ def reference(tokenizer_model_path: Path):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_matches_mistral_common_and_round_trips(tokenizer, reference, text: str) -> None:
-    assert tokenizer.encode(text) == reference.encode(text, bos=True, eos=False)
-    assert tokenizer.encode(text, bos=False) == reference.encode(text, bos=False, eos=False)
-    assert tokenizer.decode(tokenizer.encode(text)) == lossless(text)
+    """Message text (`encode_text`) is mistral-common's always; a raw prompt (`encode`) too unless
+    it writes control tokens, which a raw prompt means as the ids themselves."""
+    assert tokenizer.encode_text(text) == reference.encode(text, bos=False, eos=False)
+    assert tokenizer.decode(tokenizer.encode_text(text)) == lossless(text)
+    if not any(marker in text for marker in ("<s>", "</s>", "<unk>")):
+        assert tokenizer.encode(text) == reference.encode(text, bos=True, eos=False)
+        assert tokenizer.encode(text, bos=False) == reference.encode(text, bos=False, eos=False)
+
+
+def test_raw_prompts_turn_written_control_tokens_into_ids(tokenizer, reference) -> None:
+    assert tokenizer.encode("a</s><s>b") == [1, *reference.encode("a", bos=False, eos=False), 2, 1,
+                                             *reference.encode("b", bos=False, eos=False)]
+    assert 2 not in tokenizer.encode_text("a</s>b")
 
 
 def test_decode_is_sentencepiece_decode(tokenizer: Tokenizer, sp) -> None:
@@ -152,7 +162,7 @@ def test_stream_joins_to_decode_on_all_short_byte_sequences(tokenizer: Tokenizer
 @pytest.mark.parametrize("text", TEXTS)
 def test_stream_of_encoded_text_is_incremental(tokenizer: Tokenizer, text: str) -> None:
     """After each id, the text emitted so far is the decoded prefix as soon as that has no broken character."""
-    ids = tokenizer.encode(text)
+    ids = [tokenizer.bos_id, *tokenizer.encode_text(text)]
     detokenizer = tokenizer.detokenizer()
     for n, token in enumerate(ids, start=1):
         detokenizer.add_token(token)

@@ -1,6 +1,6 @@
 """A folder with only tokenizer.json (what `mlx_lm convert` writes with transformers 5) tokenizes
 exactly like the real Mixtral tokenizer.model: the sentencepiece model rebuilt from the JSON
-(`mlx_mixtral.sentencepiece_json`) must give the same ids, pieces and decoded text.
+(`mlx_mixtral.tokenizer.sentencepiece_json`) must give the same ids, pieces and decoded text.
 
 The tokenizer.json files are the ones users get, both made by transformers 5 from the real
 tokenizer.model: `mlx_lm convert` of a tiny Mixtral checkpoint (the shared conftest fixtures; its
@@ -22,7 +22,7 @@ from conftest import PROBE_TOKENS, TOKENIZER_CONFIG
 
 import mlx_mixtral
 from mlx_mixtral.errors import MixtralError
-from mlx_mixtral.sentencepiece_json import build_model_proto
+from mlx_mixtral.tokenizer.sentencepiece_json import build_model_proto
 from mlx_mixtral.tokenizer import Tokenizer
 
 REAL_MODEL = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -75,7 +75,7 @@ def json_folder(request, tmp_path_factory) -> Path:
         (source / "config.json").write_text(json.dumps({"model_type": "llama"}))
         AutoTokenizer.from_pretrained(source).save_pretrained(source / "saved")
         source = source / "saved"
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (source / name).is_file():
             shutil.copy(source / name, folder / name)
     merges = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
@@ -112,8 +112,7 @@ def test_every_piece_and_type_is_the_real_ones(rebuilt: Tokenizer, real) -> None
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_and_decode_match_the_real_model(rebuilt: Tokenizer, real, text: str) -> None:
     ids = real.encode(text)
-    assert rebuilt.encode(text, bos=False) == ids
-    assert rebuilt.encode(text) == [1, *ids]
+    assert rebuilt.encode_text(text) == ids
     assert rebuilt.decode(ids) == real.decode(ids)
     assert rebuilt.decode([1, *ids, 2]) == real.decode([1, *ids, 2])
 
@@ -124,7 +123,7 @@ def test_whitespace_runs(rebuilt: Tokenizer, real) -> None:
         for before in ("", "a", "the", "\n", "("):
             for after in ("", "x", "the", "\n", " a", "\t"):
                 text = before + " " * n + after
-                assert rebuilt.encode(text, bos=False) == real.encode(text), repr(text)
+                assert rebuilt.encode_text(text) == real.encode(text), repr(text)
 
 
 def test_random_strings(rebuilt: Tokenizer, real) -> None:
@@ -133,11 +132,11 @@ def test_random_strings(rebuilt: Tokenizer, real) -> None:
                 + ["\n", "\t", "\r", "\u2581", "😀", "🏳️‍🌈", "\x00", "<s>", "</s>", "[INST]", "the", "ing"])
     for _ in range(400):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
-        assert rebuilt.encode(text, bos=False) == real.encode(text), repr(text)
+        assert rebuilt.encode_text(text) == real.encode(text), repr(text)
     for _ in range(200):  # any code point (lone surrogates aside): mostly byte fallback
         text = "".join(chr(rng.randrange(0x110000)) for _ in range(rng.randint(0, 12)))
         text = text.encode("utf-8", "replace").decode("utf-8")
-        assert rebuilt.encode(text, bos=False) == real.encode(text), repr(text)
+        assert rebuilt.encode_text(text) == real.encode(text), repr(text)
 
 
 def test_decode_random_ids(rebuilt: Tokenizer, real) -> None:
@@ -168,7 +167,7 @@ def test_save_model_writes_a_tokenizer_model(rebuilt: Tokenizer, real, tmp_path:
     again = Tokenizer.from_folder(tmp_path)
     assert again.model_file == tmp_path / "tokenizer.model"
     for text in TEXTS:
-        assert again.encode(text, bos=False) == real.encode(text)
+        assert again.encode_text(text) == real.encode(text)
 
 
 def test_mlx_mixtral_load_mlx_lm_folder(mlx_lm_folder: Path) -> None:

@@ -42,7 +42,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .errors import MixtralError
+from ..errors import MixtralError
 
 SPACE = "\u2581"  # "▁", sentencepiece's escaped space
 SPACE_RUN_SCORE = -1e9  # Llama's and Mistral's score for every piece "▁▁" .. "▁" * 16
@@ -57,10 +57,12 @@ class UnsupportedTokenizer(ValueError):
     """Why a tokenizer.json cannot be expressed as a SentencePiece BPE model (a MixtralError for users)."""
 
 
-def model_proto_from_tokenizer_json(path: str | os.PathLike) -> bytes:
+def model_proto_from_tokenizer_json(path: str | os.PathLike, as_transformers: bool = False) -> bytes:
     """The serialized SentencePiece ModelProto equivalent to the `tokenizer.json` at `path`.
 
     bos/eos come from `tokenizer_config.json` next to it when that names them, else "<s>"/"</s>".
+    `as_transformers`: keep the merge order exactly as the file gives it (Hugging Face's ids for
+    whitespace runs) instead of restoring Llama's and Mistral's sentencepiece scores.
     Raises a one-line `MixtralError` (naming `path`) for an unreadable or non-Llama-style file.
     """
     path = Path(path)
@@ -72,13 +74,15 @@ def model_proto_from_tokenizer_json(path: str | os.PathLike) -> bytes:
     config = _read_config(path.parent / "tokenizer_config.json")
     try:
         return build_model_proto(data, bos_token=_token_name(config.get("bos_token")) or "<s>",
-                                 eos_token=_token_name(config.get("eos_token")) or "</s>")
+                                 eos_token=_token_name(config.get("eos_token")) or "</s>",
+                                 as_transformers=as_transformers)
     except UnsupportedTokenizer as error:
         raise MixtralError(f"Tokenizer {path} is not a Llama-style SentencePiece BPE with byte fallback "
                            f"({error}); put the model's tokenizer.model next to it") from None
 
 
-def build_model_proto(data: dict[str, Any], bos_token: str = "<s>", eos_token: str = "</s>") -> bytes:
+def build_model_proto(data: dict[str, Any], bos_token: str = "<s>", eos_token: str = "</s>",
+                      as_transformers: bool = False) -> bytes:
     """The serialized ModelProto for a parsed `tokenizer.json`; `UnsupportedTokenizer` says why not."""
     if not isinstance(data, dict):
         raise UnsupportedTokenizer("not a JSON object")
@@ -112,7 +116,7 @@ def build_model_proto(data: dict[str, Any], bos_token: str = "<s>", eos_token: s
         types[ids[name]] = CONTROL
     pad_id = ids["<pad>"] if "<pad>" in ids and types[ids["<pad>"]] == CONTROL else -1
 
-    scores = _scores(pieces, ids, types, model.get("merges") or [])
+    scores = _scores(pieces, ids, types, model.get("merges") or [], as_transformers)
     return _model_proto(pieces, scores, types, add_dummy_prefix, unk=ids[unk], bos=ids[bos_token],
                         eos=ids[eos_token], pad=pad_id)
 
@@ -196,7 +200,8 @@ def _pieces_by_id(model: dict[str, Any], added_tokens: list[dict[str, Any]]) -> 
     return pieces
 
 
-def _scores(pieces: list[str], ids: dict[str, int], types: list[int], merges: list[Any]) -> list[float]:
+def _scores(pieces: list[str], ids: dict[str, int], types: list[int], merges: list[Any],
+            as_transformers: bool = False) -> list[float]:
     """Piece scores from the merge order (see the module docstring); 0 for all but NORMAL pieces."""
     if not isinstance(merges, list):
         raise UnsupportedTokenizer("merges is not a list")
@@ -219,7 +224,7 @@ def _scores(pieces: list[str], ids: dict[str, int], types: list[int], merges: li
             continue
         if i not in first_rank:  # a single character: its score is never read
             scores[i] = -float(len(merges) + i)
-        elif by_score or not _is_space_run(pieces[i]):
+        elif by_score or as_transformers or not _is_space_run(pieces[i]):
             scores[i] = -float(first_rank[i])
         else:  # merges in id order: restore Llama's and Mistral's runs of "▁", last and tied
             scores[i] = SPACE_RUN_SCORE
@@ -228,6 +233,23 @@ def _scores(pieces: list[str], ids: dict[str, int], types: list[int], merges: li
 
 def _is_space_run(piece: str) -> bool:
     return len(piece) > 1 and piece.strip(SPACE) == ""
+
+
+def transformers_order(sp: Any) -> bytes:
+    """A ModelProto of sentencepiece model `sp` whose BPE merges in transformers' order.
+
+    transformers converts `tokenizer.model` into merges ranked by the id of the piece they make
+    (`generate_merges`), so runs of "▁" (ids 259...) merge early, unlike in sentencepiece, where
+    Llama and Mistral score them last. Scoring every NORMAL piece -id reproduces that order; the
+    proto has no dummy prefix (callers add "▁" as transformers' normalizer says).
+    """
+    n = sp.vocab_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    types = [BYTE if sp.IsByte(i) else CONTROL if sp.IsControl(i) else UNKNOWN if sp.IsUnknown(i)
+             else UNUSED if sp.IsUnused(i) else NORMAL for i in range(n)]
+    scores = [-float(i) if kind == NORMAL else 0.0 for i, kind in enumerate(types)]
+    pad = sp.pad_id() if 0 <= sp.pad_id() < n else -1
+    return _model_proto(pieces, scores, types, False, unk=sp.unk_id(), bos=sp.bos_id(), eos=sp.eos_id(), pad=pad)
 
 
 # --- writing the ModelProto (protobuf wire format) ------------------------------------------------
