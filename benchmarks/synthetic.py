@@ -40,7 +40,7 @@ SHAPES: dict[str, ModelConfig] = {
                                 head_dim=128, **_BASE),
     "mixtral-8x22b": ModelConfig(vocab_size=32768, hidden_size=6144, intermediate_size=16384,
                                  num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
-                                 head_dim=128, **_BASE),
+                                 head_dim=128, **{**_BASE, "max_position_embeddings": 65536}),
     "small": ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=3584,
                          num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                          head_dim=64, **_BASE),

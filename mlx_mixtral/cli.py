@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .arguments import add_model_args, add_sampling_args, load_from_args, run_main, sampling_from_args
 from .errors import MixtralError
+from .tokenizer.chat_formats import BASE_MODEL_NOTE
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -59,6 +60,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     note = lambda line: print(line, file=sys.stderr)  # noqa: E731
     model, tokenizer = load_from_args(args, note, context=lambda t: len(encode(t)) + args.max_tokens)
     tokens = encode(tokenizer)
+    chat_format = tokenizer.chat_format
+    if args.verbose:
+        note(f"chat format: {'none (--raw)' if args.raw else chat_format.name}")
+    if not args.raw and chat_format.kind == "none":
+        note(BASE_MODEL_NOTE)
     fed, history, reused = tokens, [], 0
     if args.prompt_cache is not None:
         asked = kv_from_args(args) if args.kv_bits is not None else None
@@ -149,6 +155,10 @@ def cmd_cache_prompt(args: argparse.Namespace) -> int:
     note = lambda line: print(line, file=sys.stderr)  # noqa: E731
     model, tokenizer = load_from_args(args, note, context=lambda t: len(_encode(t, text, not args.chat, args.system)))
     tokens = _encode(tokenizer, text, not args.chat, args.system)
+    if args.chat:
+        note(f"chat format: {tokenizer.chat_format.name}")
+        if tokenizer.chat_format.kind == "none":
+            note(BASE_MODEL_NOTE)
     limit = model.config.max_position_embeddings
     if len(tokens) >= limit:
         raise MixtralError(f"{args.prompt_file} takes {len(tokens)} tokens, which leaves no room to continue "

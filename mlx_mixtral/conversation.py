@@ -60,13 +60,16 @@ class Conversation:
             out.append({"role": "user", "content": next_user})
         return out
 
-    def to_json(self) -> str:
-        """The conversation as JSON: chat messages, an assistant one flagged if it was cut short."""
+    def to_json(self, chat_format: str | None = None) -> str:
+        """The conversation as JSON: chat messages, an assistant one flagged if it was cut short,
+        and the chat format's fingerprint it was held in (for the reader; the messages load under
+        any format, the KV cache beside them only under this one)."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
         for e in self.exchanges:
             messages.append({"role": "user", "content": e.user})
             messages.append({"role": "assistant", "content": e.reply, **({"interrupted": True} if e.interrupted else {})})
-        return json.dumps({"messages": messages}, ensure_ascii=False, indent=2) + "\n"
+        data = {"messages": messages, **({"chat_format": chat_format} if chat_format else {})}
+        return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str = "the file") -> Conversation:
@@ -98,11 +101,11 @@ class Conversation:
             conversation.exchanges.append(Exchange(user["content"], reply["content"], bool(reply.get("interrupted"))))
         return conversation
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, chat_format: str | None = None) -> Path:
         """Write the JSON to `path` (user-fixable failures raise MixtralError); returns the path."""
         path = Path(path).expanduser()
         try:
-            path.write_text(self.to_json(), encoding="utf-8")
+            path.write_text(self.to_json(chat_format), encoding="utf-8")
         except OSError as e:
             raise MixtralError(f"cannot save to {path}: {e.strerror or e}") from None
         return path
@@ -253,7 +256,7 @@ class ChatSession:
         always (`kv=True`), never (False), or when it takes at most KV_SAVE_LIMIT (None).
         Returns (path, whether the KV cache was saved). A stale .kv beside it is removed. A model
         split over processes keeps no .kv (each process holds a different part of the cache)."""
-        path = self.conversation.save(path)
+        path = self.conversation.save(path, self.tokenizer.chat_format.fingerprint)
         kv_path = kv_file(path)
         split = getattr(self.model, "split", None) is not None
         keep = bool(self.cache.ids) and not split and (kv if kv is not None else self.cache.nbytes <= KV_SAVE_LIMIT)

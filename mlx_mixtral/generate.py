@@ -126,6 +126,11 @@ def stream_generate(
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise MixtralError("the prompt is empty: give at least one token")
+    rows = model.config.vocab_size
+    if not all(0 <= t < rows for t in tokens):
+        bad = next(t for t in tokens if not 0 <= t < rows)
+        raise MixtralError(f"the prompt holds token id {bad}, which the model's {rows}-row vocabulary does not have: "
+                           "the tokenizer files do not belong to this model")
     check_max_tokens(max_tokens)
     if cache is None:
         cache = make_cache(model)

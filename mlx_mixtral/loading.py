@@ -35,7 +35,7 @@ from .uncached_io import drop_file_from_page_cache, staging_bytes
 # What a model needs from a hub repo; never the original `consolidated.*.pt` or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json"]
+                "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json"]
 
 
 def resolve(path_or_repo: str | os.PathLike) -> Path:

@@ -29,7 +29,7 @@ from .checkpoint import read_header
 from .errors import MixtralError
 from .kv_format import FLOAT, KVFormat, kv_format
 
-FORMAT, VERSION = "mlx-mixtral-prompt-cache", "1"
+FORMAT, VERSION = "mlx-mixtral-prompt-cache", "2"
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -147,6 +147,7 @@ def save(path: str | os.PathLike, prompt_cache: PromptCache, tokenizer, extra: d
     metadata = {
         "format": FORMAT, "version": VERSION,
         "model": _fingerprint(prompt_cache.model), "tokenizer": tokenizer.fingerprint,
+        "chat_format": tokenizer.chat_format.fingerprint,
         "kv_bits": json.dumps(fmt.bits), "kv_group_size": json.dumps(fmt.group_size),
         "kv_dtype": _kv_dtype(prompt_cache.model),
         "offset": str(cache[0].offset), "start": str(cache[0].start),
@@ -210,6 +211,9 @@ def load(path: str | os.PathLike, model, tokenizer, fmt: KVFormat | None = None)
         raise MixtralError(f"{path} was saved for another model (or another conversion of it); {remake}")
     if metadata.get("tokenizer") != tokenizer.fingerprint:
         raise MixtralError(f"{path} was saved with another tokenizer; {remake}")
+    if metadata.get("chat_format") != tokenizer.chat_format.fingerprint:
+        raise MixtralError(f"{path} was saved under another chat format ({metadata.get('chat_format')}, this "
+                           f"model's is {tokenizer.chat_format.fingerprint}); {remake}")
     if metadata.get("kv_dtype") != _kv_dtype(model):
         raise MixtralError(f"{path} holds keys computed in {metadata.get('kv_dtype')}, but this model "
                            f"computes in {_kv_dtype(model)} here (another device or --dtype); {remake}")

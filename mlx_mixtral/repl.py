@@ -29,6 +29,7 @@ from .conversation import SETTING_KEYS, ChatSession, Settings, Turn
 from .errors import MixtralError
 from .expert_view import heatmap, streaming_line
 from .routing import log_of
+from .tokenizer import BASE_MODEL_NOTE
 
 HISTORY_ENV = "MLX_MIXTRAL_HISTORY"  # a path, or empty to keep no history
 HISTORY_LENGTH = 1000  # lines kept in the history file
@@ -227,9 +228,12 @@ class Repl:
     def loop(self) -> None:
         """Run until /exit, Ctrl-D, or a confirmed Ctrl-C."""
         self.note(
-            f"Chatting with {self.model_name} (context {self.session.limit} tokens). /help lists the "
+            f"Chatting with {self.model_name} (context {self.session.limit} tokens, chat format: "
+            f"{self.session.tokenizer.chat_format.name}). /help lists the "
             'commands; """ starts a multi-line message; Ctrl-C stops a reply; Ctrl-D quits.'
         )
+        if self.session.tokenizer.chat_format.kind == "none":
+            self.note(BASE_MODEL_NOTE, style="yellow")
         while True:
             try:
                 text = self.reader.read()
@@ -358,6 +362,7 @@ class Repl:
         for key, value in self.session.settings.items():
             table.add_row(key, _shown(value))
         table.add_row("context", f"{self.session.limit} tokens")
+        table.add_row("chat format", self.session.tokenizer.chat_format.name)
         table.add_row("system", self.session.conversation.system or "none")
         self.console.print(table)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
 from .errors import MixtralError
+from .tokenizer import BASE_MODEL_NOTE
 from .openai_api import APIError, Defaults, Reply, bad, parse, sse
 from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler
 
@@ -194,7 +195,8 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
     async def health(request: HTTPRequest) -> Response:
         pool = scheduler.pool
         return JSONResponse({
-            "status": "ok", "model": served, "active": scheduler.active is not None,
+            "status": "ok", "model": served, "chat_format": scheduler.tokenizer.chat_format.name,
+            "active": scheduler.active is not None,
             "queued": scheduler.queued, **scheduler.counts,
             "prompt_cache": {"conversations": len(pool.entries), "bytes": pool.nbytes, "budget": pool.budget},
         })
@@ -310,8 +312,11 @@ def run(args: argparse.Namespace) -> int:
         note(f"warning: listening on {args.host}: anyone who can reach this machine can use the model"
              + ("" if args.api_key else " (no --api-key set)"))
     cached = f"prompt cache {gb(cache_size)}" if cache_size else "no prompt cache"
-    note(f"serving {served!r} ({scheduler.pool.format.describe()} KV, {cached}) "
+    note(f"serving {served!r} ({scheduler.pool.format.describe()} KV, {cached}, "
+         f"chat format: {scheduler.tokenizer.chat_format.name}) "
          f"at http://{host}:{port}/v1")
+    if scheduler.tokenizer.chat_format.kind == "none":
+        note(BASE_MODEL_NOTE)
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # Ctrl-C: end the replies in flight first
             scheduler.stop()

@@ -195,7 +195,8 @@ def test_commands_settings_and_bad_input(chat, tmp_path):
         c.expect(re.escape(name))
     c.command("/show", table(("temp", r"0\.7"), ("top_p", r"1\.0"), ("top_k", "0"), ("min_p", r"0\.0"),
                              ("repetition_penalty", r"1\.0"), ("max_tokens", "4"), ("seed", "1"),
-                             ("context", "512 tokens"), ("system", "none")))
+                             ("context", "512 tokens"), ("chat format", re.escape("Mistral v1 ([INST] text)")),
+                             ("system", "none")))
     c.command("/set temp 0.2", r"temp = 0\.2\n")
     c.command("/set top-p 0.9", r"top_p = 0\.9\n")
     c.command("/set top_k 5", r"top_k = 5\n")

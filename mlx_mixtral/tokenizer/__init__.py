@@ -5,11 +5,11 @@
 template (`chat_template`) or none; `tool_calls` reads Mistral's tool calls back from the output.
 """
 
-from .chat_formats import ChatFormat, PlainFormat
+from .chat_formats import BASE_MODEL_NOTE, ChatFormat, PlainFormat
 from .detokenizer import StreamingDetokenizer
 from .mistral_format import mistral_call_id
 from .tokenizer import Tokenizer
 from .tool_calls import ToolCall, parse_tool_calls, split_tool_calls
 
-__all__ = ["ChatFormat", "PlainFormat", "StreamingDetokenizer", "Tokenizer", "ToolCall", "mistral_call_id",
+__all__ = ["BASE_MODEL_NOTE", "ChatFormat", "PlainFormat", "StreamingDetokenizer", "Tokenizer", "ToolCall", "mistral_call_id",
            "parse_tool_calls", "split_tool_calls"]

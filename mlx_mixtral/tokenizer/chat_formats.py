@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 PLAIN_JOIN = "\n\n"
+BASE_MODEL_NOTE = ("this is a base model: it has no chat format, so messages go to it as plain text "
+                   "(no [INST] or other markup is invented)")
 
 
 class ChatFormat(Protocol):

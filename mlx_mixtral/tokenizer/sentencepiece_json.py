@@ -105,7 +105,10 @@ def build_model_proto(data: dict[str, Any], bos_token: str = "<s>", eos_token: s
         raise UnsupportedTokenizer(f"{types.count(BYTE)} <0xNN> byte pieces, not 256")
     for token in added_tokens:
         if token.get("content") in ids:
-            types[ids[token["content"]]] = CONTROL if token.get("special", True) else USER_DEFINED
+            # as_transformers: text between added tokens only (they are matched before), so none
+            # may come out of sentencepiece's own matching of user-defined pieces
+            special = token.get("special", True) or as_transformers
+            types[ids[token["content"]]] = CONTROL if special else USER_DEFINED
     unk = model.get("unk_token") or "<unk>"
     if unk not in ids:
         raise UnsupportedTokenizer(f"no unknown piece {unk!r}")
@@ -233,23 +236,6 @@ def _scores(pieces: list[str], ids: dict[str, int], types: list[int], merges: li
 
 def _is_space_run(piece: str) -> bool:
     return len(piece) > 1 and piece.strip(SPACE) == ""
-
-
-def transformers_order(sp: Any) -> bytes:
-    """A ModelProto of sentencepiece model `sp` whose BPE merges in transformers' order.
-
-    transformers converts `tokenizer.model` into merges ranked by the id of the piece they make
-    (`generate_merges`), so runs of "▁" (ids 259...) merge early, unlike in sentencepiece, where
-    Llama and Mistral score them last. Scoring every NORMAL piece -id reproduces that order; the
-    proto has no dummy prefix (callers add "▁" as transformers' normalizer says).
-    """
-    n = sp.vocab_size()
-    pieces = [sp.id_to_piece(i) for i in range(n)]
-    types = [BYTE if sp.IsByte(i) else CONTROL if sp.IsControl(i) else UNKNOWN if sp.IsUnknown(i)
-             else UNUSED if sp.IsUnused(i) else NORMAL for i in range(n)]
-    scores = [-float(i) if kind == NORMAL else 0.0 for i, kind in enumerate(types)]
-    pad = sp.pad_id() if 0 <= sp.pad_id() < n else -1
-    return _model_proto(pieces, scores, types, False, unk=sp.unk_id(), bos=sp.bos_id(), eos=sp.eos_id(), pad=pad)
 
 
 # --- writing the ModelProto (protobuf wire format) ------------------------------------------------

@@ -29,7 +29,7 @@ import sentencepiece as spm
 
 from ..errors import MixtralError
 from .detokenizer import StreamingDetokenizer
-from .sentencepiece_json import model_proto_from_tokenizer_json, transformers_order
+from .sentencepiece_json import model_proto_from_tokenizer_json
 from .tokenizer_files import SPACE, AddedToken, TokenizerFiles
 
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"  # ModelProto.normalizer_spec(3) { add_dummy_prefix(3): false }, merged last
@@ -223,18 +223,17 @@ class Tokenizer:
     # --- helpers -----------------------------------------------------------------------------
 
     def _transformers_model(self) -> spm.SentencePieceProcessor:
-        """Sentencepiece set up to split text as transformers does for this folder: its
-        tokenizer.json's merge order when it has one, else the order transformers derives from
-        tokenizer.model; no dummy prefix (the normalization adds "▁" where transformers does)."""
+        """Sentencepiece set up to split text as transformers 5 does for this folder: with its
+        tokenizer.json's merge order when it has one (it may rank runs of "▁" early, unlike
+        sentencepiece), else with tokenizer.model's own scores (transformers' conversion keeps
+        them); no dummy prefix (the normalization adds "▁" where transformers does)."""
+        proto = self._sp.serialized_model_proto()
         json_file = self.files.folder / "tokenizer.json" if self.files.folder is not None else None
-        proto = None
         if json_file is not None and json_file.is_file():
             try:
                 proto = model_proto_from_tokenizer_json(json_file, as_transformers=True)
             except MixtralError:  # not Llama-style: tokenizer.model is what we have
-                proto = None
-        if proto is None:
-            proto = transformers_order(self._sp)
+                pass
         return spm.SentencePieceProcessor(model_proto=proto + _NO_DUMMY_PREFIX)
 
     def _added_tokens(self) -> list[AddedToken]:

@@ -10,10 +10,9 @@ hold it:
   (bos/eos/unk/pad, additional_special_tokens) names the token;
 * end of turn: the tokenizer's eos plus `generation_config.json` and `config.json` "eos_token_id"
   (an int or a list), as mlx-lm does;
-* the prefix rule ("scheme") transformers applies to each text segment between added tokens: read
-  from tokenizer.json's normalizer and pre-tokenizer when the folder has one (transformers uses that
-  file), else what transformers builds from `tokenizer.model` (Metaspace, "always" when
-  `legacy` is true or absent, "first" otherwise);
+* how transformers 5 normalizes each text segment between added tokens (`Normalization`):
+  tokenizer.json's normalizer and pre-tokenizer, or its conversion of tokenizer.model (by
+  `legacy`), see `_normalization`;
 * the chat template: `chat_template.jinja`, else `chat_template.json`, else "chat_template" in
   tokenizer_config.json (a string, or a list of named templates), the order transformers reads them.
 """
@@ -165,8 +164,15 @@ def _eos_ids(config: Any, path: Path) -> set[int]:
 
 
 def _normalization(tokenizer_json: Any, config: dict) -> Normalization:
-    if not isinstance(tokenizer_json, dict):  # transformers converts tokenizer.model: Metaspace
-        return Normalization((), "first" if config.get("legacy") is False else "always")
+    """What transformers 5 does for a Mixtral folder (config.json's model_type "mixtral" gives its
+    generic tokenizers backend): tokenizer.json's own normalizer and pre-tokenizer when the folder
+    has one; else its conversion of tokenizer.model, which for `legacy` true (or absent) escapes
+    spaces, doubles a leading "▁" and prepends "▁" to every segment, and otherwise prepends to the
+    first segment of the input only."""
+    if not isinstance(tokenizer_json, dict):
+        if config.get("legacy", True) is False:
+            return Normalization((("replace", " ", SPACE),), "first")
+        return Normalization((("replace", " ", SPACE), ("replace", r"\A" + SPACE, SPACE * 2)), "always")
     steps: list[tuple[str, str, str]] = []
     for step in _flatten(tokenizer_json.get("normalizer"), "normalizers"):
         kind = step.get("type")

@@ -1,0 +1,116 @@
+"""Tokenizer folders of the Mixtral family, built from the real tokenizer files mistral-common ships.
+
+Each builder writes what the hub repository (or a conversion of it) holds beside the weights:
+* `instruct_v1`: Mixtral-8x7B-Instruct-v0.1 (tokenizer.model v1, its [INST] template);
+* `instruct_v3`: Mixtral-8x22B-Instruct-v0.1 (the v3 tokenizer.model, 32768 ids, control pieces,
+  a template that speaks [INST] and [AVAILABLE_TOOLS]);
+* `chatml`: a ChatML fine-tune (Nous-Hermes-2-Mixtral, dolphin-mixtral style): v1 plus
+  `<|im_end|>` = 32000 and `<|im_start|>` = 32001, eos `<|im_end|>`, the template in
+  tokenizer_config.json; in the layouts users meet: "model" (tokenizer.model + added_tokens.json),
+  "json" (tokenizer.json only, as transformers 5 saves it, template in chat_template.jinja),
+  "both";
+* `base`: a base model (v1 or v3 tokenizer, no template).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mistral_common
+
+DATA = Path(mistral_common.__file__).parent / "data"
+V1_MODEL = DATA / "tokenizer.model.v1"
+V3_MODEL = DATA / "mistral_instruct_tokenizer_240323.model.v3"
+
+INSTRUCT_V1_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+# Shaped like the hub's 8x22B-Instruct template (abridged): [INST] markup and a tools block.
+INSTRUCT_V3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if tools is not none and loop.last %}[AVAILABLE_TOOLS] {{ tools|tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "[INST] {{ message['content'] }}[/INST]{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# A ChatML template with tools (Hermes-2-Pro style, abridged), as a named "tool_use" template.
+CHATML_TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call these tools: <tools>{{ tools|tojson }}</tools><|im_end|>\n"
+    "{% endif %}" + CHATML_TEMPLATE
+)
+
+
+def _entry(content: str, special: bool) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": special}
+
+
+def _config(eos: str = "</s>", template=None, extra_decoder: dict | None = None, legacy: bool = True) -> dict:
+    decoder = {str(i): _entry(c, True) for i, c in enumerate(["<unk>", "<s>", "</s>"])}
+    decoder.update(extra_decoder or {})
+    config = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
+              "eos_token": eos, "unk_token": "<unk>", "clean_up_tokenization_spaces": False, "legacy": legacy,
+              "model_max_length": 32768, "tokenizer_class": "LlamaTokenizer"}
+    if template is not None:
+        config["chat_template"] = template
+    return config
+
+
+def _write(folder: Path, config: dict, model: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "config.json").exists():  # transformers picks the tokenizer class by model type
+        (folder / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    shutil.copyfile(model, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def instruct_v1(folder: Path) -> Path:
+    return _write(folder, _config(template=INSTRUCT_V1_TEMPLATE), V1_MODEL)
+
+
+def instruct_v3(folder: Path) -> Path:
+    return _write(folder, _config(template=INSTRUCT_V3_TEMPLATE), V3_MODEL)
+
+
+def base(folder: Path, version: int = 1) -> Path:
+    return _write(folder, _config(), V1_MODEL if version == 1 else V3_MODEL)
+
+
+def chatml(folder: Path, layout: str = "model", legacy: bool = True, tools: bool = False) -> Path:
+    """A ChatML fine-tune's tokenizer files in `layout` ("model", "json" or "both")."""
+    template = ([{"name": "default", "template": CHATML_TEMPLATE}, {"name": "tool_use", "template": CHATML_TOOL_TEMPLATE}]
+                if tools else CHATML_TEMPLATE)
+    added = {"32000": _entry("<|im_end|>", True), "32001": _entry("<|im_start|>", False)}
+    source = folder.with_name(folder.name + "-source") if layout != "model" else folder
+    _write(source, _config("<|im_end|>", template, added, legacy), V1_MODEL)
+    (source / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 32000, "<|im_start|>": 32001}))
+    (source / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>"}))
+    (source / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 32000}))
+    if layout == "model":
+        return folder
+    from transformers import AutoTokenizer
+
+    saved = folder.with_name(folder.name + "-saved")
+    AutoTokenizer.from_pretrained(source).save_pretrained(saved)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in saved.iterdir():
+        if path.name != "tokenizer.model" and not (folder / path.name).exists():
+            shutil.copyfile(path, folder / path.name)
+    shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
+    if not (folder / "config.json").exists():
+        shutil.copyfile(source / "config.json", folder / "config.json")
+    if layout == "both":
+        shutil.copyfile(V1_MODEL, folder / "tokenizer.model")
+    assert (folder / "tokenizer.model").exists() == (layout == "both")
+    return folder
