@@ -366,3 +366,22 @@ def test_format_fingerprints_tell_templates_apart(tmp_path: Path) -> None:
     prints = {t.chat_format.fingerprint for t in (a, b, v1, base)}
     assert len(prints) == 4
     assert a.fingerprint == b.fingerprint != v1.fingerprint  # same vocabulary, other template
+
+
+# --- the 8x22B shape ---------------------------------------------------------------------------------
+
+
+def test_auto_budget_knows_the_8x22b_shape(monkeypatch) -> None:
+    """`--max-memory auto` leaves room for 8x22B's KV cache: 56 layers x 8 KV heads x 128 at 64k."""
+    from mlx_mixtral import budget
+    from mlx_mixtral.config import ModelConfig
+
+    config = ModelConfig(vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                         num_attention_heads=48, num_key_value_heads=8, head_dim=128, num_local_experts=8,
+                         num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=65536)
+    assert budget.kv_cache_bytes(config, 65536, itemsize=2) == 56 * 8 * 128 * 2 * 2 * 65536 == 229376 * 65536
+    monkeypatch.setattr(budget, "machine_memory", lambda: (128 * 10**9, "test"))
+    whole, how = budget.auto_budget(config)
+    short, _ = budget.auto_budget(config, context=4096)
+    assert whole < short and "65536 tokens" in how
+    assert short - whole == budget.kv_cache_bytes(config, 65536) - budget.kv_cache_bytes(config, 4096)

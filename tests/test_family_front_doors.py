@@ -49,6 +49,9 @@ def _grow_vocabulary(folder: Path, rows: int) -> None:
                 tensors[name] = np.concatenate([old, extra])
         save_file(tensors, shard, metadata={"format": "pt"})
     config["vocab_size"] = rows
+    generation = folder / "generation_config.json"
+    if generation.exists():  # a fine-tune's config.json names its own end of turn too
+        config["eos_token_id"] = json.loads(generation.read_text())["eos_token_id"]
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -182,3 +185,18 @@ def test_convert_keeps_every_tokenizer_file(hf_checkpoint_factory, tmp_path):
 
     wrapper = load_tokenizer(out)
     assert wrapper.apply_chat_template(messages, add_generation_prompt=True) == ours
+
+
+@pytest.mark.parametrize("builder, args", [(folders.chatml, ("model",)), (folders.instruct_v3, ())])
+def test_mlx_lm_4bit_folders_keep_their_format(member, mlx_lm_converted, builder, args):
+    """mlx-community folders are mlx-lm conversions: the same format, the same ids as the source."""
+    source = member(builder, "mlxlm-" + builder.__name__, *args)
+    out = mlx_lm_converted(source, quantize=True)
+    ours, theirs = Tokenizer.from_folder(out), Tokenizer.from_folder(source)
+    assert ours.chat_format.kind == theirs.chat_format.kind != "none"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello  there"},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Again"}]
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages)
+    assert ours.eos_token_ids == theirs.eos_token_ids
+    r = _cli("generate", "--model", str(out), "--prompt", "Hello", "--max-tokens", "4", "--verbose")
+    assert r.returncode == 0 and f"chat format: {theirs.chat_format.name.split(' from ')[0]}" in r.stderr, r.stderr

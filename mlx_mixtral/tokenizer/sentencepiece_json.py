@@ -164,6 +164,8 @@ def _whitespace_handling(data: dict[str, Any]) -> bool:
         else:
             raise UnsupportedTokenizer(f"normalizer {kind}")
     for step in _flatten(data.get("pre_tokenizer"), "pretokenizers"):
+        if _isolates_literals(step):
+            continue
         if step.get("type") != "Metaspace" or step.get("replacement", SPACE) != SPACE:
             raise UnsupportedTokenizer(f"pre-tokenizer {step.get('type')}")
         escapes = True
@@ -172,6 +174,18 @@ def _whitespace_handling(data: dict[str, Any]) -> bool:
     if not escapes:
         raise UnsupportedTokenizer("spaces are not escaped as \u2581")
     return prepends
+
+
+_LITERAL = re.compile(r"(?:[^\\|()\[\]{}.*+?^$]|\\.)+")
+
+
+def _isolates_literals(step: dict[str, Any]) -> bool:
+    """A Split that only isolates literal names (transformers 5 writes one for Mistral's v3
+    tokenizer: "[REFERENCE_DOC_0]" ...). It changes nothing for text that does not contain those
+    names, so the sentencepiece model ignores it (text that does would split there in transformers)."""
+    pattern = (step.get("pattern") or {}).get("Regex")
+    return (step.get("type") == "Split" and step.get("behavior") == "Isolated" and not step.get("invert")
+            and isinstance(pattern, str) and all(_LITERAL.fullmatch(part) for part in pattern.split("|")))
 
 
 def _flatten(step: Any, key: str) -> list[dict[str, Any]]:

@@ -67,7 +67,7 @@ class Tokenizer:
         self.bos_id: int = self._named_id("bos_token", self._sp.bos_id())
         self.eos_id: int = self._named_id("eos_token", self._sp.eos_id())
         # Generation ends at any of these (tokenizer, generation_config.json and config.json, as mlx-lm).
-        self.eos_token_ids: set[int] = {self.eos_id, self._sp.eos_id(), *self.files.extra_eos_ids} - {-1}
+        self.eos_token_ids: set[int] = {self.eos_id, *self.files.extra_eos_ids} - {-1}
         self._by_text = {t.content: t for t in self.added.values()}
         self.special_pattern = _alternation(sorted(self._by_text, key=len, reverse=True))
         self._context_id, self._context_text = self._pick_context_piece()
