@@ -45,10 +45,11 @@ import synthetic  # noqa: E402
 from mlx_mixtral import SamplingParams, make_cache, stream_generate  # noqa: E402
 from mlx_mixtral.config import ModelConfig  # noqa: E402
 from mlx_mixtral.errors import MixtralError  # noqa: E402
-from mlx_mixtral.expert_cache import DEFAULT_POLICY, POLICIES  # noqa: E402
+from mlx_mixtral.experts.expert_cache import DEFAULT_POLICY, POLICIES  # noqa: E402
 from mlx_mixtral.kv_format import FLOAT, KV_BITS, KV_GROUP_SIZES, kv_format  # noqa: E402
 from mlx_mixtral.loading import load_model, would_fit  # noqa: E402
-from mlx_mixtral.sharding import world  # noqa: E402
+from mlx_mixtral.model import Mixtral  # noqa: E402
+from mlx_mixtral.distributed.group import end_with_peers, world  # noqa: E402
 
 OURS = "mlx-mixtral"
 MLX_LM = "mlx-lm"
@@ -71,7 +72,9 @@ class Engine:
 
     @property
     def expert_cache(self):
-        return getattr(self.model, "expert_cache", None)
+        """Our model's expert cache when it streams (None for a resident model and for mlx-lm's)."""
+        runtime = self.model.runtime if isinstance(self.model, Mixtral) else None
+        return runtime.expert_cache if runtime is not None else None
 
     def stream_start(self) -> None:
         if self.expert_cache is not None:
@@ -642,6 +645,7 @@ def check_context(args: argparse.Namespace, limit: int, log: Callable[[str], Non
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     group = world()
+    end_with_peers(group)
     lead = group.rank() == 0  # under mlx.launch, rank 0 alone reports
     log = (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)) if lead else (lambda msg: None)  # noqa: E731
     try:

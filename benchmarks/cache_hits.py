@@ -38,7 +38,7 @@ from quant_quality import random_model, run_model  # noqa: E402
 from convert.convert import convert  # noqa: E402
 from mlx_mixtral.cache import make_cache  # noqa: E402
 from mlx_mixtral.config import ModelConfig  # noqa: E402
-from mlx_mixtral.expert_cache import POLICIES  # noqa: E402
+from mlx_mixtral.experts.expert_cache import POLICIES  # noqa: E402
 from mlx_mixtral.loading import load_model  # noqa: E402
 
 PROMPTS = 4  # held-out windows, decoded one after another with a fresh KV cache each
@@ -47,7 +47,7 @@ PROMPTS = 4  # held-out windows, decoded one after another with a fresh KV cache
 def decode(folder: Path, tokens: np.ndarray, budget: int, policy: str, prefetch: bool) -> dict:
     """Feed `tokens` [P, T] one position at a time through the model streamed under `budget`."""
     model = load_model(folder, progress=False, max_memory=budget, policy=policy, prefetch=prefetch)
-    cache = model.expert_cache
+    cache = model.runtime.expert_cache
     try:
         cache.reset_stats()
         for row in tokens:
@@ -65,8 +65,8 @@ def budgets_for(folder: Path, slot_counts: list[int]) -> dict[int, int]:
     """The --max-memory that leaves exactly n experts' worth of cache, for each n (resident and
     read buffers as `load_model` plans them)."""
     model = load_model(folder, progress=False, max_memory=10**12)
-    p = model.expert_cache.plan
-    model.expert_cache.close()
+    p = model.runtime.expert_cache.plan
+    model.runtime.expert_cache.close()
     return {n: p.resident + p.staging + n * p.expert_bytes for n in slot_counts}
 
 

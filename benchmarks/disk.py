@@ -16,8 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from mlx_mixtral.expert_cache import READERS
-from mlx_mixtral.uncached_io import ALIGN, UncachedFile, page_cache_bytes
+from mlx_mixtral.experts.expert_cache import READERS
+from mlx_mixtral.experts.uncached_io import ALIGN, UncachedFile, page_cache_bytes
 
 CHUNK = 32 << 20  # about one 4-bit Mixtral-8x7B expert projection
 

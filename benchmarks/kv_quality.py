@@ -31,7 +31,7 @@ import train_small  # noqa: E402
 
 import mlx_mixtral  # noqa: E402
 from mlx_mixtral import kv_format, make_cache  # noqa: E402
-from mlx_mixtral.budget import kv_cache_bytes  # noqa: E402
+from mlx_mixtral.experts.budget import kv_cache_bytes  # noqa: E402
 
 FORMATS = [(8, 64), (8, 32), (4, 64), (4, 32)]
 CHUNK = 16  # tokens per step: decode-like, so nearly every query reads quantized past keys

@@ -75,7 +75,7 @@ def expert_parallel_model(folder: Path, group):
 
     from mlx_mixtral.checkpoint import Checkpoint
     from mlx_mixtral.config import ModelConfig
-    from mlx_mixtral.sharding import read_tensor
+    from mlx_mixtral.distributed.sharding import read_tensor
 
     model = load_model(folder, progress=False)
     config = ModelConfig.from_file(folder / "config.json")
@@ -102,7 +102,7 @@ def timed(folder: Path, prompt_tokens: int, new_tokens: int, trials: int) -> dic
     """Both splits, interleaved per trial: prefill tok/s and decode tok/s, and whether they agree."""
     from mlx_mixtral import make_cache
     from mlx_mixtral.sampling import SamplingParams
-    from mlx_mixtral.sharding import world
+    from mlx_mixtral.distributed.group import world
     from mlx_mixtral.generate import stream_generate
 
     group = world()
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.timed is not None:
-        from mlx_mixtral.sharding import world
+        from mlx_mixtral.distributed.group import world
 
         result = timed(args.timed, args.pp, args.tg, args.trials)
         if world().rank() == 0:

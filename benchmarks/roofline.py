@@ -28,8 +28,9 @@ import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_mixtral.budget import kv_cache_bytes  # noqa: F401 (part of this module's interface)
+from mlx_mixtral.experts.budget import kv_cache_bytes  # noqa: F401 (part of this module's interface)
 from mlx_mixtral.config import ModelConfig
+from mlx_mixtral.model import Mixtral
 
 # Unified-memory bandwidth in GB/s (Apple's published figures), for the chip name in
 # `sysctl machdep.cpu.brand_string`. Longest names first so "M2 Max" wins over "M2".
@@ -54,7 +55,7 @@ def weight_bytes_per_token(model: nn.Module, config: ModelConfig) -> float:
     """Bytes of weights one token reads, at their stored dtypes (see the module docstring); a
     streamed model's experts count as k cached experts per layer."""
     total = _per_token(model, config, lambda path, a: a.nbytes)
-    cache = getattr(model, "expert_cache", None)
+    cache = model.runtime.expert_cache if isinstance(model, Mixtral) else None
     if cache is not None:
         total += config.num_hidden_layers * config.num_experts_per_tok * cache.expert_bytes
     return total

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import disk  # noqa: E402
 
-from mlx_mixtral.budget import machine_memory  # noqa: E402
+from mlx_mixtral.experts.budget import machine_memory  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SSDS = (3.0, 7.0, 17.0)  # GB/s: base M-series to M4 Pro/Max class internal SSDs

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_mixtral.budget import machine_memory
+from mlx_mixtral.experts.budget import machine_memory
 from mlx_mixtral.config import ModelConfig
 from mlx_mixtral.device import compute_dtype, in_parallel, parallel_ways, spans
 from mlx_mixtral.errors import MixtralError
@@ -181,7 +181,7 @@ def write_folder(config: ModelConfig, folder: Path, scales_dtype: mx.Dtype = mx.
     """A random model written straight to disk in mlx-lm's layout (one shard per layer, with an
     index), never whole in memory: for shapes larger than this machine's RAM. Scales default to
     bfloat16, as `mlx_lm convert` writes them. The folder appears only when complete."""
-    from mlx_mixtral.uncached_io import drop_file_from_page_cache
+    from mlx_mixtral.experts.uncached_io import drop_file_from_page_cache
 
     model = skeleton(config, mx.float32 if scales_dtype == mx.float32 else mx.bfloat16, scales_dtype)
     partial = folder.with_name(folder.name + ".partial")

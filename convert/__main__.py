@@ -10,10 +10,10 @@ the same one-line error from the CLI and from Python.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 
+from mlx_mixtral import units
 from mlx_mixtral.arguments import run_main
 from mlx_mixtral.errors import MixtralError
 
@@ -21,8 +21,6 @@ from .convert import DTYPES, convert
 from .quant_policy import (DEFAULT_EMBED_BITS, DEFAULT_LM_HEAD_BITS, DEFAULT_ROUTER_BITS, SUPPORTED_BITS,
                            SUPPORTED_GROUP_SIZES, parse_precision)
 
-_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([KMG]?B)?", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 # dest, flag, bit widths offered: the router gate is never quantized below 8 bits (quant_policy.py).
 _POLICY_FLAGS = (("router_bits", "--router-bits", (8,)), ("embed_bits", "--embed-bits", SUPPORTED_BITS),
                  ("lm_head_bits", "--lm-head-bits", SUPPORTED_BITS))
@@ -60,10 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_size(text: str) -> int:
     """"5GB", "500MB", "2.5GB" or a byte count -> bytes (decimal units, as Hugging Face uses)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match or float(match[1]) <= 0:
-        raise MixtralError(f"--max-shard-size {text}: expected a size like 5GB or 500MB")
-    return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
+    return units.parse_size(text, "--max-shard-size", "5GB or 500MB")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,11 +31,12 @@ from mlx_mixtral.config import ModelConfig
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.model import Mixtral
 from mlx_mixtral.progress import progress_bar
+from mlx_mixtral.units import gb
 
 from .hf_reader import TOKENIZER_FILES, open_source
 from .quant_policy import (DEFAULT_EMBED_BITS, DEFAULT_LM_HEAD_BITS, DEFAULT_ROUTER_BITS, MODE, QuantPlan,
                            QuantPolicy, quantizable_modules)
-from .writer import (DEFAULT_MAX_SHARD_BYTES, ShardWriter, check_destination, check_free_space, format_bytes,
+from .writer import (DEFAULT_MAX_SHARD_BYTES, ShardWriter, check_destination, check_free_space,
                      staging_folder)
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -56,9 +57,9 @@ class Summary:
 
     def text(self) -> str:
         return (
-            f"Wrote {self.path}: {format_bytes(self.nbytes)} in {self.shards} shard(s), {self.precision}, "
+            f"Wrote {self.path}: {gb(self.nbytes)} in {self.shards} shard(s), {self.precision}, "
             f"{self.bits_per_weight:.2f} bits per weight, {self.seconds:.1f} s, peak memory "
-            f"{format_bytes(self.peak_rss)} RSS ({format_bytes(self.peak_mlx)} in MLX buffers)"
+            f"{gb(self.peak_rss)} RSS ({gb(self.peak_mlx)} in MLX buffers)"
         )
 
 
@@ -126,7 +127,7 @@ def convert(
     check_free_space(dst, nbytes(target, out_dtype) + sum(
         (source.folder / n).stat().st_size for n in TOKENIZER_FILES if (source.folder / n).is_file()))
     precision = _describe(plan, keeps_quantization, out_dtype)
-    print(f"Converting {source.folder} ({format_bytes(source.nbytes)}) to {precision}", file=sys.stderr)
+    print(f"Converting {source.folder} ({gb(source.nbytes)}) to {precision}", file=sys.stderr)
     if not any((source.folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         print(f"note: {source.folder} has no tokenizer.model (nor tokenizer.json); copy Mixtral's "
               f"into {dst} for mlx_mixtral.load to open it", file=sys.stderr)

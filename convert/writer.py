@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from mlx_mixtral.checkpoint import INDEX_FILE
 from mlx_mixtral.errors import MixtralError
+from mlx_mixtral.units import gb
 
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what Hugging Face and mlx-lm use
@@ -89,10 +90,6 @@ def check_destination(dst: Path, force: bool, source: Path | None = None) -> Non
         raise MixtralError(f"{dst}: already exists; pick another --mlx-path or pass --force to replace it")
 
 
-def format_bytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
 def check_free_space(dst: Path, needed: int) -> None:
     """Fail before starting, not after an hour, when DST's disk cannot hold the output."""
     existing = dst.parent
@@ -101,8 +98,8 @@ def check_free_space(dst: Path, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise MixtralError(
-            f"{existing}: only {format_bytes(free)} free but the converted model needs about "
-            f"{format_bytes(needed)}; free some space or pick another --mlx-path"
+            f"{existing}: only {gb(free)} free but the converted model needs about "
+            f"{gb(needed)}; free some space or pick another --mlx-path"
         )
 
 

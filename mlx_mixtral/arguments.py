@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import MixtralError
-from .expert_cache import DEFAULT_POLICY, POLICIES
+from .experts.expert_cache import DEFAULT_POLICY, POLICIES
 
 if TYPE_CHECKING:  # imported lazily, so `--help` starts fast
     from .sampling import SamplingParams
@@ -61,9 +61,9 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
                    context: Callable[[Tokenizer], int | None] = lambda _: None):
     """Load `--model` as the flags say: resident when it fits (or `--max-memory` is absent and it
     fits), else streaming within `--max-memory` or `auto`, saying so in one line."""
-    from .budget import AUTO, gb, parse_size
+    from .experts.budget import AUTO, gb, parse_size
     from .loading import load_model, resolve, would_fit
-    from .sharding import world
+    from .distributed.group import world
     from .tokenizer import Tokenizer
 
     max_memory = args.max_memory
@@ -88,7 +88,7 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
             max_memory = AUTO
     model = load_model(folder, progress=True, max_memory=max_memory, policy=args.cache_policy,
                        prefetch=not args.no_prefetch, context=tokens, kv=kv)
-    cache = getattr(model, "expert_cache", None)
+    cache = model.runtime.expert_cache
     if cache is not None:
         for line in cache.plan.notes:
             note(line)
@@ -135,7 +135,7 @@ def run_main(func: Callable[[], int]) -> int:
         return 0
 
     except Exception as e:  # a bug: still one line, unless asked for the traceback
-        from .sharding import peer_lost
+        from .distributed.group import peer_lost
 
         if peer_lost(e):
             print(f"error: another process of this run died or lost its connection ({str(e).splitlines()[0]}); "

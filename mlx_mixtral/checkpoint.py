@@ -21,16 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from .config import ModelConfig
+from .device import compute_dtype
 from .errors import MixtralError
 
 INDEX_FILE = "model.safetensors.index.json"
-_HF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_PARTS = ("weight", "scales", "biases")
+# The expert tensors' names, the one place they are spelled: MLX stacks a layer's experts as
+# `block_sparse_moe.switch_mlp.{gate,up,down}_proj.{weight,scales,biases}` ([experts, out, in]);
+# Hugging Face keeps one tensor per expert, `block_sparse_moe.experts.N.{w1,w3,w2}.weight`.
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+HF_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+TENSOR_PARTS = ("weight", "scales", "biases")
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (ours or any file's) larger than this is corrupt
 # Buffers some checkpoints carry that are not weights (RoPE frequencies, recomputed from rope_theta).
 BUFFERS = ("rotary_emb.inv_freq",)
 _FINGERPRINT_SAMPLES, _FINGERPRINT_SAMPLE_BYTES = 16, 4096
+_MLX_EXPERT_NAMES = {hf: mlx for mlx, hf in HF_EXPERT_NAMES.items()}
 
 
 def read_header(path: Path) -> dict:
@@ -47,7 +55,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
             if len(prefix) < 8:
                 raise MixtralError(f"{path}: truncated safetensors file ({size} bytes); download or convert it again")
             (n,) = struct.unpack("<Q", prefix)
-            if n > min(size - 8, 100 << 20):
+            if n > min(size - 8, MAX_HEADER_BYTES):
                 raise MixtralError(f"{path}: corrupt safetensors header; download or convert it again")
             header = json.loads(f.read(n))
     except FileNotFoundError:
@@ -176,8 +184,8 @@ class Checkpoint:
                 shapes[name] = self.shape(name)
                 continue
             expert, hf, part = tail.split(".", 2)
-            if expert == "0" and hf in _HF_EXPERT:
-                stacked = f"{head}.block_sparse_moe.switch_mlp.{_HF_EXPERT[hf]}.{part}"
+            if expert == "0" and hf in _MLX_EXPERT_NAMES:
+                stacked = f"{head}.block_sparse_moe.switch_mlp.{_MLX_EXPERT_NAMES[hf]}.{part}"
                 self.origin[stacked] = self.origin[name]
                 shapes[stacked] = (config.num_local_experts, *self.shape(name))
         return shapes
@@ -191,8 +199,8 @@ class Checkpoint:
         for name in names:
             if not name.startswith(experts):
                 out[name] = self.take(name)
-        for hf, mlx in _HF_EXPERT.items():
-            for part in _PARTS:
+        for hf, mlx in _MLX_EXPERT_NAMES.items():
+            for part in TENSOR_PARTS:
                 first = f"{experts}0.{hf}.{part}"
                 if first not in self._where:
                     continue
@@ -232,3 +240,40 @@ class Checkpoint:
                 f"{self.file_of(stray[0])}: tensor {stray[0]} belongs to no layer of a "
                 f"{config.num_hidden_layers}-layer model; does config.json match the weights?"
             )
+
+
+# safetensors dtype -> (numpy dtype holding the bytes, MLX dtype they mean)
+SAFETENSORS_DTYPES = {
+    "F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
+    "U32": (np.uint32, mx.uint32), "I32": (np.int32, mx.int32), "U8": (np.uint8, mx.uint8),
+    "I8": (np.int8, mx.int8), "U16": (np.uint16, mx.uint16), "I16": (np.int16, mx.int16),
+}
+
+
+def memory_dtype(stored: str, dtype: mx.Dtype | None = None) -> mx.Dtype:
+    """The dtype a tensor stored as `stored` (safetensors spelling) takes in memory: floats in
+    `dtype` or the device's compute dtype, everything else (packed codes) as stored."""
+    kept = SAFETENSORS_DTYPES.get(stored, (None, mx.float32))[1]
+    return (dtype or compute_dtype(kept)) if mx.issubdtype(kept, mx.floating) else kept
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Whether a tensor (either layout's name) holds expert weights, i.e. is streamed, not resident."""
+    return ".block_sparse_moe.switch_mlp." in name or ".block_sparse_moe.experts." in name
+
+
+def tensor_from_bytes(raw: memoryview, stored: str, target: mx.Dtype, shape: tuple[int, ...]) -> mx.array:
+    """Bytes of a safetensors tensor -> an MLX array of `target` dtype (copied out of `raw`)."""
+    np_dtype, mlx_dtype = SAFETENSORS_DTYPES[stored]
+    a = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+    if mlx_dtype == target:
+        if stored == "BF16":  # numpy has no bfloat16: carry the bits, reinterpret in MLX
+            return mx.array(a).view(mx.bfloat16)
+        return mx.array(a)
+    if target == mx.float32:  # widening, exact, done in numpy so no MLX graph is built here
+        if stored == "BF16":  # the bf16 bits are the top half of the float32's: one buffer, in place
+            wide = a.astype(np.uint32)
+            wide <<= 16
+            return mx.array(wide.view(np.float32))
+        return mx.array(a.astype(np.float32))
+    return mx.array(a.astype(np.float32)).astype(target)  # an explicit `dtype=` override

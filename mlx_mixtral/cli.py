@@ -19,7 +19,7 @@ from .tokenizer.chat_formats import BASE_MODEL_NOTE
 def _read_prompt(args: argparse.Namespace) -> str:
     """`--prompt`, or stdin without the one newline that ends what `echo` (or a file) sends, so
     `echo q | mlx-mixtral generate` and `--prompt q` see the same prompt."""
-    from .sharding import world
+    from .distributed.group import world
 
     if args.prompt is not None and args.prompt != "-":
         return args.prompt
@@ -42,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     system = args.system
     if args.prompt_cache is not None:  # continue the cached text: encode the whole, reuse its prefix
         from . import prompt_cache
-        from .sharding import single_process
+        from .distributed.group import single_process
 
         single_process("generate --prompt-cache")
 
@@ -73,17 +73,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cache, history, reused = cached.cache, cached.ids, len(cached.ids)
     else:
         cache = make_cache(model, kv_from_args(args))
-    streaming = getattr(model, "expert_cache", None)
+    streaming = model.runtime.expert_cache
     if streaming is not None:
         streaming.reset_stats()
     log = None
     if args.show_experts:
-        from .routing import log_of
+        from .experts.routing import log_of
 
         log = log_of(model)
         log.reset()
     last = None
-    from .sharding import agreed_seed
+    from .distributed.group import agreed_seed
 
     seed = agreed_seed(model, args.seed)
     for last in mlx_mixtral.stream_generate(
@@ -102,13 +102,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if streaming is not None:
-            from .expert_view import streaming_line
+            from .experts.expert_view import streaming_line
 
             print(streaming_line(model), file=sys.stderr)
     if log is not None:
         from rich.console import Console
 
-        from .expert_view import heatmap
+        from .experts.expert_view import heatmap
 
         table = heatmap(log_of(model), "experts used over this reply")
         if table is not None:
@@ -131,10 +131,10 @@ def cmd_cache_prompt(args: argparse.Namespace) -> int:
 
     from . import prompt_cache
     from .arguments import kv_from_args
-    from .budget import gb
+    from .experts.budget import gb
     from .generate import prefill
     from .progress import progress_bar
-    from .sharding import single_process
+    from .distributed.group import single_process
 
     single_process("cache-prompt")
 
@@ -211,7 +211,7 @@ def _cache_prompt_parser(sub) -> None:
 
 
 def _chat_parser(sub) -> None:
-    from .repl import add_arguments, run
+    from .chat.repl import add_arguments, run
 
     p = sub.add_parser("chat", help="interactive chat in the terminal",
                        description="Chat with Mixtral; /help lists the commands.")
@@ -220,7 +220,7 @@ def _chat_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
-    from .server import add_arguments, run
+    from .serve.server import add_arguments, run
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)",
                        description="Serve Mixtral over the OpenAI HTTP API: /v1/chat/completions, "
@@ -247,17 +247,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     _convert_parser(sub)
     args = parser.parse_args(argv)
-    _quiet_followers()
+    _join_the_run()
     return run_main(lambda: args.func(args))
 
 
-def _quiet_followers() -> None:
-    """Under mlx.launch every rank runs the command; rank 0 alone writes the answer."""
+def _join_the_run() -> None:
+    """Under mlx.launch every rank runs the command: join the others, end with them (in one line,
+    never hanging on a dead peer), and let rank 0 alone write the answer."""
     import os
 
-    from .sharding import world
+    from .distributed.group import end_with_peers, world
 
-    if world().rank() != 0:
+    group = world()
+    end_with_peers(group)
+    if group.rank() != 0:
         sys.stdout = open(os.devnull, "w")
 
 

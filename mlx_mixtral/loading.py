@@ -17,20 +17,23 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .budget import AUTO, auto_budget, gb, parse_size, plan, weight_bytes
+from .experts.budget import AUTO, auto_budget, gb, parse_size, plan, weight_bytes
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .device import compute_dtype
 from .errors import MixtralError
-from .expert_cache import DEFAULT_POLICY, READERS, ExpertCache
-from .expert_store import ExpertStore, is_expert_tensor
+from .experts.expert_cache import DEFAULT_POLICY, READERS, ExpertCache
+from .experts.expert_store import ExpertStore
+from .checkpoint import is_expert_tensor
 from .kv_format import FLOAT, KVFormat
 from .model import Mixtral
+from .row_split import CPU_PARTS
 from .progress import progress_bar
-from .sharding import AllSum, Split, read_tensor, unpacked_width, world
-from .streamed_moe import stream_experts
+from .distributed.group import world
+from .distributed.sharding import Split, all_sum_over, read_tensor, unpacked_width
+from .experts.streamed_moe import stream_experts
 from .tokenizer import Tokenizer
-from .uncached_io import drop_file_from_page_cache, staging_bytes
+from .experts.uncached_io import drop_file_from_page_cache, staging_bytes
 
 # What a model needs from a hub repo; never the original `consolidated.*.pt` or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json",
@@ -80,8 +83,9 @@ def _quantization_predicate(config: ModelConfig, shapes: dict[str, tuple[int, ..
 
 
 def build_model(config: ModelConfig, shapes: dict[str, tuple[int, ...]] | None = None) -> Mixtral:
-    """The module tree for `config`, quantized where the checkpoint (`shapes`) is. Allocates nothing."""
-    model = Mixtral(config)
+    """The module tree for `config`, quantized where the checkpoint (`shapes`) is, built from the
+    CPU row split's parts (`row_split`; MLX's own on a GPU). Allocates nothing."""
+    model = Mixtral(config, CPU_PARTS)
     if config.quantization:
         q = config.quantization
         nn.quantize(
@@ -152,7 +156,7 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
             model.load_weights(cast, strict=False)
             mx.eval([a for _, a in cast])
             advance()
-    model.fingerprint = ckpt.fingerprint()  # what saved KV caches are checked against
+    model.runtime.fingerprint = ckpt.fingerprint()  # what saved KV caches are checked against
     if cache is not None:  # the resident part (and the fingerprint's samples): give them back
         for f in ckpt.files:
             drop_file_from_page_cache(f)
@@ -194,11 +198,11 @@ def _load_sharded(folder: Path, group: Any, dtype: mx.Dtype | None, progress: bo
             model.load_weights([(name, array)], strict=False)
             mx.eval(array)
             advance()
+    combine = all_sum_over(group)
     for layer in model.layers:
-        layer.self_attn = AllSum(layer.self_attn, group)
-        layer.block_sparse_moe = AllSum(layer.block_sparse_moe, group)
-    model.split = split
-    model.fingerprint = f"{ckpt.fingerprint()}:rank{split.rank}/{split.size}"
+        layer.combine = combine
+    model.runtime.split = split
+    model.runtime.fingerprint = f"{ckpt.fingerprint()}:rank{split.rank}/{split.size}"
     model.eval()
     return model
 
@@ -217,9 +221,8 @@ def _expert_cache(ckpt: Checkpoint, config: ModelConfig, dtype: mx.Dtype | None,
     staging = READERS * staging_bytes(store.largest_read)
     resident = weight_bytes(ckpt, config, dtype, experts=False)
     the_plan = plan(budget, resident, staging, store.max_expert_bytes, config, label)
-    cache = ExpertCache(store, the_plan.cache_bytes, policy=policy, readers=READERS, prefetch=prefetch)
-    cache.plan = the_plan
-    return cache
+    return ExpertCache(store, the_plan.cache_bytes, policy=policy, readers=READERS, prefetch=prefetch,
+                       plan=the_plan)
 
 
 def would_fit(folder: Path, context: int | None = None, kv: KVFormat = FLOAT) -> tuple[bool, str]:

@@ -7,59 +7,34 @@ Each of the `num_hidden_layers` blocks is
 
 Parameter names follow mlx-lm's Mixtral exactly (`block_sparse_moe.switch_mlp.{gate,up,down}_proj`
 with experts stacked as `[experts, out, in]`), so models converted by either tool load in both.
+
+Everything that is not the mathematics is applied from outside through three small hooks, so this
+file stays the model: `Parts` (the linear and expert classes a model is built from; the CPU
+row split in `row_split` swaps in parallel ones), `SparseMoE.replace_experts` (expert streaming,
+the routing log) and `DecoderLayer.combine` (tensor parallelism's sum over processes). What a
+loaded model carries besides its weights is declared in `runtime.Runtime`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .device import in_parallel, parallel_ways, spans
-
-
-class _RowParallel:
-    """Mixed into MLX's linear layers: on a multi-core CPU the output features are computed in
-    parallel parts (see device.in_parallel), each from a contiguous row block of the weight (and
-    of the scales and biases: all are row-major in the output feature), a view, not a copy. The
-    results are bitwise those of one call. On a GPU the layer runs as MLX's own."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        ways = parallel_ways()
-        if ways == 1 or "bias" in self:  # our projections are bias-free
-            return super().__call__(x)
-        return in_parallel([lambda a=a, b=b: self._rows(x, a, b)
-                            for a, b in spans(self["weight"].shape[0], ways)], axis=-1)
-
-
-class Linear(_RowParallel, nn.Linear):
-    def _rows(self, x: mx.array, a: int, b: int) -> mx.array:
-        return x @ self["weight"][a:b].T
-
-    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
-                     quantize_input: bool = False) -> nn.Module:
-        """Called by `nn.quantize`: our `QuantizedLinear`, so the split survives quantization."""
-        if quantize_input:
-            return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
-
-
-class QuantizedLinear(_RowParallel, nn.QuantizedLinear):
-    def _rows(self, x: mx.array, a: int, b: int) -> mx.array:
-        biases = self.get("biases")
-        return mx.quantized_matmul(
-            x, self["weight"][a:b], self["scales"][a:b], None if biases is None else biases[a:b],
-            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
+from .runtime import Runtime
 
 
 class Attention(nn.Module):
     """Multi-head attention with `num_key_value_heads` shared key/value heads (GQA) and RoPE."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parts: Parts):
         super().__init__()
+        Linear = parts.linear  # noqa: N806 (a class)
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -97,8 +72,15 @@ class SwitchLinear(nn.Module):
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int):
         super().__init__()
-        scale = math.sqrt(1 / input_dims)
+        scale = math.sqrt(1 / max(1, input_dims))  # (0, 0, 0): an empty shell for from_weight
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+
+    @classmethod
+    def from_weight(cls, weight: mx.array) -> SwitchLinear:
+        """A SwitchLinear holding `weight` ([experts, out, in]) as it is (no initialisation)."""
+        layer = cls(0, 0, 0)
+        layer.weight = weight
+        return layer
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_mm(
@@ -143,23 +125,31 @@ class SwitchGLU(nn.Module):
         self.up_proj = SwitchLinear(hidden, intermediate, num_experts)
         self.down_proj = SwitchLinear(intermediate, hidden, num_experts)
 
-    def _glu(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+    @classmethod
+    def from_projections(cls, gate: nn.Module, up: nn.Module, down: nn.Module) -> SwitchGLU:
+        """Experts made of given projections (e.g. one expert read from disk, `streamed_moe`)."""
+        glu = cls(0, 0, 0)
+        glu.gate_proj, glu.up_proj, glu.down_proj = gate, up, down
+        return glu
+
+    def glu(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """Rows `x` through the experts `indices` names, one expert per row."""
         g = self.gate_proj(x, indices, sorted_indices=sorted_indices)
         u = self.up_proj(x, indices, sorted_indices=sorted_indices)
         return self.down_proj(nn.silu(g) * u, indices, sorted_indices=sorted_indices)
 
+    def pairs(self, run: Callable[[int, int], mx.array], n: int, axis: int) -> mx.array:
+        """`run(0, n)`: the n (token, expert) pairs. They are independent, so a device-specific
+        subclass may cut [0, n) into parts that run side by side, joined along `axis` (`row_split`)."""
+        return run(0, n)
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # x: [..., hidden], indices: [..., k] -> [..., k, hidden]
-        # The (token, expert) pairs are independent, so on a multi-core CPU they are cut into
-        # parts that run side by side (see device.in_parallel); on a GPU there is one part.
         k = indices.shape[-1]
         lead = indices.shape[:-1]
-        ways = parallel_ways()
-        if indices.size < self.SORT_THRESHOLD:  # decoding: split the k expert slots
+        if indices.size < self.SORT_THRESHOLD:  # decoding: the k expert slots of each token
             xs = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, hidden]
-            y = in_parallel([lambda a=a, b=b: self._glu(xs, indices[..., a:b], False)
-                             for a, b in spans(k, ways)], axis=-3)
-            return y.squeeze(-2)
+            return self.pairs(lambda a, b: self.glu(xs, indices[..., a:b], False), k, axis=-3).squeeze(-2)
         # Prompt processing: group the (token, expert) pairs by expert so each expert's weights
         # are streamed once, then restore the original order.
         flat = indices.flatten()
@@ -167,19 +157,25 @@ class SwitchGLU(nn.Module):
         inv_order = mx.argsort(order)
         xs = x.reshape(-1, 1, x.shape[-1])[order // k]  # [N*k, 1, hidden]
         idx = flat[order]
-        y = in_parallel([lambda a=a, b=b: self._glu(xs[a:b], idx[a:b], True)
-                         for a, b in spans(idx.size, ways)], axis=0)
+        y = self.pairs(lambda a, b: self.glu(xs[a:b], idx[a:b], True), idx.size, axis=0)
         return y[inv_order].reshape(*lead, k, -1)
 
 
 class SparseMoE(nn.Module):
     """Router + experts. Softmax over the k selected logits equals HF's softmax -> top-k -> renormalise."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parts: Parts):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.switch_mlp = SwitchGLU(config.hidden_size, config.intermediate_size, config.num_local_experts)
+        self.switch_mlp = parts.experts(config.hidden_size, config.intermediate_size, config.num_local_experts)
+
+    def replace_experts(self, experts: nn.Module) -> nn.Module:
+        """Put `experts` (called as `experts(x, indices)` -> `[..., k, hidden]`) in place of this
+        layer's experts and return the previous ones: the hook that streaming and the routing
+        log use."""
+        previous, self.switch_mlp = self.switch_mlp, experts
+        return previous
 
     def __call__(self, x: mx.array) -> mx.array:
         logits = self.gate(x)  # [B, L, experts]
@@ -191,23 +187,27 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parts: Parts):
         super().__init__()
-        self.self_attn = Attention(config)
-        self.block_sparse_moe = SparseMoE(config)
+        self.self_attn = Attention(config, parts)
+        self.block_sparse_moe = SparseMoE(config, parts)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Completes each sublayer's output before the residual add; set by tensor parallelism,
+        # whose processes each compute a share of the sum (`distributed.sharding`).
+        self.combine: Callable[[mx.array], mx.array] | None = None
 
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        combine = self.combine or (lambda y: y)
+        h = x + combine(self.self_attn(self.input_layernorm(x), mask, cache))
+        return h + combine(self.block_sparse_moe(self.post_attention_layernorm(h)))
 
 
 class MixtralModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parts: Parts):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.layers = [DecoderLayer(config, parts) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.window = config.sliding_window
 
@@ -219,7 +219,7 @@ class MixtralModel(nn.Module):
             mask = _uncached_mask(L, self.window) if L > 1 else None
         else:
             mask = cache[0].mask(L)  # every layer's cache has the same geometry
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c)
         return self.norm(h)
 
@@ -227,12 +227,14 @@ class MixtralModel(nn.Module):
 class Mixtral(nn.Module):
     """Token ids `[batch, length]` (+ optional per-layer caches) -> logits `[batch, length, vocab]`."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parts: Parts | None = None):
         super().__init__()
+        parts = parts or Parts()
         self.config = config
-        self.model = MixtralModel(config)
+        self.model = MixtralModel(config, parts)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = parts.linear(config.hidden_size, config.vocab_size, bias=False)
+        self.runtime = Runtime()  # filled in by `loading` (fingerprint, expert cache, split, ...)
 
     def __call__(self, tokens: mx.array, cache: list[Any] | None = None, last_only: bool = False) -> mx.array:
         """`last_only=True` computes logits for the final position only (prefill needs no more)."""
@@ -246,6 +248,15 @@ class Mixtral(nn.Module):
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The classes a Mixtral is built from. The defaults are plain MLX; a device may bring its own
+    (same parameters, same results, e.g. `row_split.CPU_PARTS` computes in parallel parts)."""
+
+    linear: type[nn.Linear] = nn.Linear
+    experts: type[SwitchGLU] = SwitchGLU
 
 
 def _uncached_mask(length: int, window: int | None) -> mx.array | str:

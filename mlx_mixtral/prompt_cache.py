@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import make_cache
-from .checkpoint import read_header
+from .checkpoint import MAX_HEADER_BYTES, read_header
 from .errors import MixtralError
 from .kv_format import FLOAT, KVFormat, kv_format
 
@@ -125,7 +125,7 @@ def _digest(arrays: dict[str, mx.array]) -> str:
 
 
 def _fingerprint(model) -> str:
-    fp = getattr(model, "fingerprint", None)
+    fp = model.runtime.fingerprint
     if fp is None:
         raise MixtralError("this model was not loaded from a folder, so a KV cache of it cannot be "
                            "saved or checked; load it with mlx_mixtral.load")
@@ -175,7 +175,7 @@ def peek(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            metadata = json.loads(f.read(min(n, 1 << 30))).get("__metadata__", {})
+            metadata = json.loads(f.read(min(n, MAX_HEADER_BYTES))).get("__metadata__", {})
         if metadata.get("format") != FORMAT:
             raise MixtralError(f"{path} is not an mlx-mixtral prompt cache")
         return json.loads(metadata["extra"])

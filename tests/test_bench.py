@@ -142,35 +142,43 @@ def test_wired_limit_sets_and_restores_with_metal(monkeypatch):
 @pytest.mark.parametrize("length", [1, 3, 40])  # decode (slots split), and sorted prefill (rows split)
 def test_experts_split_over_cpu_streams_match_one_part_exactly(length, monkeypatch):
     from mlx_mixtral import model as model_module
+    from mlx_mixtral import row_split
 
     model = synthetic.fill_random(synthetic.skeleton(synthetic.shape_config("tiny", 4)))
     switch = model.layers[0].block_sparse_moe.switch_mlp
+    assert isinstance(switch, row_split.RowSplitSwitchGLU)  # the CPU parts are what loading builds
+    plain = model_module.SwitchGLU.from_projections(switch.gate_proj, switch.up_proj, switch.down_proj)
     x = mx.random.normal((2, length, 64), key=mx.random.key(1))
     indices = mx.random.randint(0, 8, (2, length, 2), key=mx.random.key(2))
-    monkeypatch.setattr(model_module, "parallel_ways", lambda: 2)
+    monkeypatch.setattr(row_split, "parallel_ways", lambda: 2)
     split = switch(x, indices)
-    monkeypatch.setattr(model_module, "parallel_ways", lambda: 1)
+    monkeypatch.setattr(row_split, "parallel_ways", lambda: 1)
     whole = switch(x, indices)
     assert split.shape == whole.shape == (2, length, 2, 64)
-    assert mx.array_equal(split, whole)
+    assert mx.array_equal(split, whole) and mx.array_equal(plain(x, indices), whole)
 
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
 @pytest.mark.parametrize("ways", [2, 3])
 def test_linear_layers_split_over_cpu_streams_match_one_part_exactly(bits, ways, monkeypatch):
-    from mlx_mixtral import model as model_module
+    import mlx.nn as nn
 
-    layer = model_module.Linear(64, 100, bias=False)  # 100 rows: parts of unequal size for 3 ways
+    from mlx_mixtral import row_split
+
+    layer = row_split.RowSplitLinear(64, 100, bias=False)  # 100 rows: parts of unequal size for 3 ways
+    plain = nn.Linear(64, 100, bias=False)
+    plain.weight = layer.weight
     if bits:
         layer = layer.to_quantized(group_size=32, bits=bits)
-        assert isinstance(layer, model_module.QuantizedLinear)
+        assert isinstance(layer, row_split.RowSplitQuantizedLinear)
+        plain = plain.to_quantized(group_size=32, bits=bits)
     x = mx.random.normal((2, 5, 64), key=mx.random.key(3))
-    monkeypatch.setattr(model_module, "parallel_ways", lambda: ways)
+    monkeypatch.setattr(row_split, "parallel_ways", lambda: ways)
     split = layer(x)
-    monkeypatch.setattr(model_module, "parallel_ways", lambda: 1)
+    monkeypatch.setattr(row_split, "parallel_ways", lambda: 1)
     whole = layer(x)
     assert split.shape == whole.shape == (2, 5, 100)
-    assert mx.array_equal(split, whole)
+    assert mx.array_equal(split, whole) and mx.array_equal(plain(x), whole)
 
 
 def test_parallel_ways_follow_the_cores_this_process_may_use(monkeypatch):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import mlx_mixtral
-from mlx_mixtral import conversation as conversation_module
-from mlx_mixtral.conversation import SETTING_KEYS, ChatSession, Conversation, Exchange, Settings
+from mlx_mixtral.chat import conversation as conversation_module
+from mlx_mixtral.chat.conversation import SETTING_KEYS, ChatSession, Conversation, Exchange, Settings
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.prompt_cache import PromptCache, common_prefix_length
 from mlx_mixtral.sampling import SamplingParams

@@ -373,7 +373,7 @@ def test_format_fingerprints_tell_templates_apart(tmp_path: Path) -> None:
 
 def test_auto_budget_knows_the_8x22b_shape(monkeypatch) -> None:
     """`--max-memory auto` leaves room for 8x22B's KV cache: 56 layers x 8 KV heads x 128 at 64k."""
-    from mlx_mixtral import budget
+    from mlx_mixtral.experts import budget
     from mlx_mixtral.config import ModelConfig
 
     config = ModelConfig(vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,

@@ -16,7 +16,7 @@ import pytest
 
 import mlx_mixtral
 from mlx_mixtral import cli, kv_format, make_cache, prompt_cache
-from mlx_mixtral.conversation import ChatSession, Settings, kv_file
+from mlx_mixtral.chat.conversation import ChatSession, Settings, kv_file
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.generate import MIN_PREFILL_CHUNK, PREFILL_STEP, prefill, prefill_chunk
 from mlx_mixtral.prompt_cache import PromptCache
@@ -97,7 +97,7 @@ def test_mixtral_kv_bytes_match_the_readme():
                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                             head_dim=128, num_local_experts=8, num_experts_per_tok=2,
                                             max_position_embeddings=32768)
-    kv = mlx_mixtral.budget.kv_cache_bytes
+    kv = mlx_mixtral.experts.budget.kv_cache_bytes
     assert kv(config, 32768, 2) == 4 * 2**30
     assert kv(config, 32768, 2, kv_format(8)) / kv(config, 32768, 2) == pytest.approx(136 / 256)
     assert kv(config, 32768, 2, kv_format(4)) / kv(config, 32768, 2) == pytest.approx(72 / 256)

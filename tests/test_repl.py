@@ -23,9 +23,9 @@ import pytest
 from rich.console import Console
 
 import mlx_mixtral
-from mlx_mixtral import conversation
-from mlx_mixtral.conversation import ChatSession, Settings
-from mlx_mixtral.repl import Repl
+from mlx_mixtral.chat import conversation
+from mlx_mixtral.chat.conversation import ChatSession, Settings
+from mlx_mixtral.chat.repl import Repl
 
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[=>]|\r")
 PROMPT = r"(?m)^>>> "

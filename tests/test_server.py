@@ -29,7 +29,7 @@ from openai import OpenAI
 
 import mlx_mixtral
 from mlx_mixtral.prompt_cache import PromptCache
-from mlx_mixtral.prompt_pool import PromptPool
+from mlx_mixtral.serve.prompt_pool import PromptPool
 from mlx_mixtral.sampling import SamplingParams
 
 NAME = "tiny-mixtral"
@@ -516,7 +516,7 @@ def test_pool_takes_a_continued_conversation_and_forks_a_shared_prefix(local):
 
 
 def test_the_default_model_name_is_the_folders_name_or_the_repo_id(folder):
-    from mlx_mixtral.server import _default_name
+    from mlx_mixtral.serve.server import _default_name
 
     assert _default_name(str(folder)) == "model"
     assert _default_name("mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit") == "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"

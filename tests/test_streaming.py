@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 
 import mlx_mixtral
-from mlx_mixtral import arguments, budget
-from mlx_mixtral.conversation import ChatSession, Settings
+from mlx_mixtral import arguments
+from mlx_mixtral.experts import budget
+from mlx_mixtral.chat.conversation import ChatSession, Settings
 from mlx_mixtral.errors import MixtralError
-from mlx_mixtral.expert_view import heatmap, streaming_line
-from mlx_mixtral.routing import log_of
+from mlx_mixtral.experts.expert_view import heatmap, streaming_line
+from mlx_mixtral.experts.routing import log_of
 from mlx_mixtral.sampling import SamplingParams
-from mlx_mixtral.uncached_io import drop_file_from_page_cache, page_cache_bytes
+from mlx_mixtral.experts.uncached_io import drop_file_from_page_cache, page_cache_bytes
 
 GREEDY = SamplingParams(temp=0.0)
 
@@ -36,7 +37,7 @@ def budgets(path, counts=None):
     """Budgets (bytes) holding `counts` experts besides what stays resident: by default k (the
     least allowed), one per layer, half of them, and all."""
     model, _ = mlx_mixtral.load(path, progress=False, max_memory="1000GB")
-    plan = model.expert_cache.plan
+    plan = model.runtime.expert_cache.plan
     c = model.config
     if counts is None:
         k = c.num_experts_per_tok
@@ -67,7 +68,7 @@ def test_any_budget_gives_bitwise_the_resident_logits_and_tokens(hf_checkpoint_f
     for n, size in budgets(path).items():
         for policy in ("lru", "lfu"):
             model, _ = streamed(path, size, policy=policy)
-            cache = model.expert_cache
+            cache = model.runtime.expert_cache
             assert cache.slots == n, (n, cache.slots)
             assert mx.array_equal(model(mx.array([probe_tokens])), full), (name, n, policy)
             assert mx.array_equal(decode_logits(model, probe_tokens, 5), stepped), (name, n, policy)
@@ -87,7 +88,7 @@ def test_without_prefetch_and_in_several_prefill_chunks_too(hf_checkpoint_factor
         got = [r.token for r in mlx_mixtral.stream_generate(model, tokenizer, probe_tokens, max_tokens=8,
                                                             prefill_step=4, stop_on_eos=False)]
         assert got == want
-        assert (model.expert_cache.snapshot().prefetch_issued > 0) == prefetch
+        assert (model.runtime.expert_cache.snapshot().prefetch_issued > 0) == prefetch
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -128,10 +129,10 @@ def test_a_prompt_chunk_reads_each_expert_once(hf_checkpoint_factory, probe_toke
     path = hf_checkpoint_factory("gqa")
     model, _ = streamed(path, max(budgets(path).values()))
     model.model(mx.array([probe_tokens]), mlx_mixtral.make_cache(model))  # one chunk, no lm_head
-    stats, usage = model.expert_cache.snapshot(), model.routing_log.usage
+    stats, usage = model.runtime.expert_cache.snapshot(), model.runtime.routing_log.usage
     assert usage.sum() == len(probe_tokens) * model.config.num_experts_per_tok * model.config.num_hidden_layers
     assert stats.requests == stats.misses + stats.hits + stats.prefetched == (usage > 0).sum()
-    assert stats.bytes_read == sum(model.expert_cache.store.disk_bytes(layer, e) for layer, e in zip(*np.nonzero(usage)))
+    assert stats.bytes_read == sum(model.runtime.expert_cache.store.disk_bytes(layer, e) for layer, e in zip(*np.nonzero(usage)))
 
 
 def test_expert_reads_leave_nothing_in_the_page_cache(hf_checkpoint_factory, probe_tokens, tmp_path):
@@ -150,7 +151,7 @@ def test_expert_reads_leave_nothing_in_the_page_cache(hf_checkpoint_factory, pro
         pytest.skip("this kernel keeps pages it was asked to drop (cannot measure here)")
     model, tokenizer = streamed(folder, min(budgets(folder).values()))
     mlx_mixtral.generate(model, tokenizer, probe_tokens, max_tokens=6)
-    assert model.expert_cache.snapshot().bytes_read > 0
+    assert model.runtime.expert_cache.snapshot().bytes_read > 0
     assert page_cache_bytes(weights) == 0
 
 
@@ -210,7 +211,7 @@ def test_front_doors_stream_automatically_when_the_model_does_not_fit(monkeypatc
     # room for the resident part and some experts, not for all of them
     monkeypatch.setattr(budget, "machine_memory", lambda: (need + kv - 1, "test RAM"))
     model, _ = arguments.load_from_args(args, notes.append)
-    assert model.expert_cache.policy == "lfu"
+    assert model.runtime.expert_cache.policy == "lfu"
     assert notes[0].startswith(f"the model takes {budget.gb(need)} and this machine offers ")
     assert notes[0].endswith("streaming experts from disk with --max-memory auto")
     assert notes[1].startswith("streaming experts within ")
@@ -296,7 +297,7 @@ def test_ctrl_c_or_a_failed_read_mid_layer_leaves_nothing_pinned(hf_checkpoint_f
     resident, _ = mlx_mixtral.load(path, progress=False)
     want = resident(mx.array([probe_tokens]))
     model, _ = streamed(path, min(budgets(path).values()))  # 2 slots: any leaked pin would block
-    cache = model.expert_cache
+    cache = model.runtime.expert_cache
     real_read = cache.store.read
     failures = iter([KeyboardInterrupt(), MixtralError("model.safetensors: cannot read expert 3 of layer 1")])
 
@@ -337,7 +338,7 @@ def test_a_shard_truncated_while_streaming_is_one_line_and_the_chat_keeps_its_co
     assert "\n" not in message and str(weights) in message and "cannot read expert" in message
     assert "truncated" in message
     assert session.conversation.exchanges[0].user == "Hello there"  # the conversation is kept
-    assert all(entry.pins == 0 for entry in model.expert_cache._entries.values())
+    assert all(entry.pins == 0 for entry in model.runtime.expert_cache._entries.values())
 
 
 def test_the_repl_reports_a_truncated_shard_and_goes_on(hf_checkpoint_factory, tmp_path):
@@ -379,7 +380,7 @@ class _FakeStore:
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_a_miss_never_evicts_an_expert_the_same_request_uses(policy):
-    from mlx_mixtral.expert_cache import ExpertCache
+    from mlx_mixtral.experts.expert_cache import ExpertCache
 
     store = _FakeStore()
     cache = ExpertCache(store, capacity=300, policy=policy)

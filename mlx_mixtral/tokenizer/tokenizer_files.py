@@ -60,7 +60,7 @@ class Normalization:
             if kind == "prepend":
                 text = a + text if text else text
             else:
-                text = re.sub(a, lambda _m: b, text)
+                text = re.sub(a, lambda _m, b=b: b, text)
         if self.scheme is not None:
             text = text.replace(" ", SPACE)
             prepend = self.scheme == "always" or (self.scheme == "first" and at_start)

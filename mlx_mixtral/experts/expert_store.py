@@ -22,34 +22,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorBytes
-from .config import ModelConfig
-from .device import compute_dtype
-from .errors import MixtralError
+from ..checkpoint import (HF_EXPERT_NAMES, PROJECTIONS, SAFETENSORS_DTYPES, TENSOR_PARTS, Checkpoint, TensorBytes,
+                          memory_dtype, tensor_from_bytes)
+from ..config import ModelConfig
+from ..errors import MixtralError
 from .uncached_io import UncachedFile
-
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-_HF_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-_PARTS = ("weight", "scales", "biases")
-
-# safetensors dtype -> (numpy dtype holding the bytes, MLX dtype they mean)
-SAFETENSORS_DTYPES = {
-    "F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
-    "U32": (np.uint32, mx.uint32), "I32": (np.int32, mx.int32), "U8": (np.uint8, mx.uint8),
-    "I8": (np.int8, mx.int8), "U16": (np.uint16, mx.uint16), "I16": (np.int16, mx.int16),
-}
-
-
-def memory_dtype(stored: str, dtype: mx.Dtype | None = None) -> mx.Dtype:
-    """The dtype a tensor stored as `stored` (safetensors spelling) takes in memory: floats in
-    `dtype` or the device's compute dtype, everything else (packed codes) as stored."""
-    kept = SAFETENSORS_DTYPES.get(stored, (None, mx.float32))[1]
-    return (dtype or compute_dtype(kept)) if mx.issubdtype(kept, mx.floating) else kept
-
-
-def is_expert_tensor(name: str) -> bool:
-    """Whether a tensor (either layout's name) holds expert weights, i.e. is streamed, not resident."""
-    return ".block_sparse_moe.switch_mlp." in name or ".block_sparse_moe.experts." in name
 
 
 @dataclass(frozen=True)
@@ -74,7 +51,7 @@ class ExpertStore:
             for expert in range(self.num_experts):
                 self._slices[layer, expert] = [
                     self._slice(ckpt, names, layer, expert, proj, part, dtype)
-                    for proj in PROJECTIONS for part in _PARTS
+                    for proj in PROJECTIONS for part in TENSOR_PARTS
                     if self._source(names, layer, expert, proj, part) is not None
                 ]
         files = {s.where.file for slices in self._slices.values() for s in slices}
@@ -93,7 +70,7 @@ class ExpertStore:
         stacked = f"{moe}switch_mlp.{proj}.{part}"
         if stacked in names:
             return stacked, True
-        single = f"{moe}experts.{expert}.{_HF_NAMES[proj]}.{part}"
+        single = f"{moe}experts.{expert}.{HF_EXPERT_NAMES[proj]}.{part}"
         return (single, False) if single in names else None
 
     def _slice(self, ckpt: Checkpoint, names: set[str], layer: int, expert: int, proj: str, part: str,
@@ -144,7 +121,7 @@ class ExpertStore:
         except OSError as e:
             raise MixtralError(f"{t.file}: cannot read expert {expert} of layer {layer} ({e.strerror or e}); "
                                "download or convert the model again") from None
-        return _to_mlx(raw, t.dtype, s.target, (1, *t.shape))
+        return tensor_from_bytes(raw, t.dtype, s.target, (1, *t.shape))
 
     def close(self) -> None:
         self._slice_pool.shutdown(wait=True)
@@ -154,20 +131,3 @@ class ExpertStore:
     @property
     def files(self) -> list[Path]:
         return list(self._files)
-
-
-def _to_mlx(raw: memoryview, stored: str, target: mx.Dtype, shape: tuple[int, ...]) -> mx.array:
-    """Bytes of a safetensors tensor -> an MLX array of `target` dtype (copied out of `raw`)."""
-    np_dtype, mlx_dtype = SAFETENSORS_DTYPES[stored]
-    a = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
-    if mlx_dtype == target:
-        if stored == "BF16":  # numpy has no bfloat16: carry the bits, reinterpret in MLX
-            return mx.array(a).view(mx.bfloat16)
-        return mx.array(a)
-    if target == mx.float32:  # widening, exact, done in numpy so no MLX graph is built here
-        if stored == "BF16":  # the bf16 bits are the top half of the float32's: one buffer, in place
-            wide = a.astype(np.uint32)
-            wide <<= 16
-            return mx.array(wide.view(np.float32))
-        return mx.array(a.astype(np.float32))
-    return mx.array(a.astype(np.float32)).astype(target)  # an explicit `dtype=` override

@@ -54,7 +54,7 @@ def heatmap(log: RoutingLog, title: str = "experts used over the last reply") ->
 
 def streaming_line(model) -> str | None:
     """Budget, cache use, hit rate and disk reads since the cache's stats were last reset."""
-    cache = getattr(model, "expert_cache", None)
+    cache = model.runtime.expert_cache
     if cache is None:
         return None
     s = cache.snapshot()

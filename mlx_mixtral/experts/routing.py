@@ -61,13 +61,13 @@ class _Recorder(nn.Module):
 
 def log_of(model) -> RoutingLog:
     """The model's routing log, installing recorders on a resident model the first time."""
-    log = getattr(model, "routing_log", None)
+    log = model.runtime.routing_log
     if log is None:
         config = model.config
         log = RoutingLog(config.num_hidden_layers, config.num_local_experts)
         for i, layer in enumerate(model.layers):
             moe = layer.block_sparse_moe
-            moe.switch_mlp = _Recorder(moe.switch_mlp, i, log)
-        model.routing_log = log
+            moe.replace_experts(_Recorder(moe.switch_mlp, i, log))
+        model.runtime.routing_log = log
     log.flush()
     return log

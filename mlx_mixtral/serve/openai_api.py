@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MixtralError
-from .sampling import SamplingParams
+from ..errors import MixtralError
+from ..sampling import SamplingParams
 
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; llama-server does not limit)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

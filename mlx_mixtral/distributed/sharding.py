@@ -20,84 +20,17 @@ split on quantization-group boundaries, or the split is refused in one line.
 
 from __future__ import annotations
 
-import os
-import select
-import signal
-import sys
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorBytes
-from .config import ModelConfig
-from .errors import MixtralError
-from .expert_store import _HF_NAMES, SAFETENSORS_DTYPES, _to_mlx, memory_dtype
-
-
-CONNECT_TIMEOUT = float(os.environ.get("MLX_MIXTRAL_CONNECT_TIMEOUT", "60"))  # seconds to find every peer
-_group = None
-
-
-def world() -> Any:
-    """This process's group: size 1 unless started by `mlx.launch` (or another MLX launcher).
-
-    Joining waits for every peer; one that never comes (a wrong host, a firewall, a process that
-    died at start) ends this process with a one-line error after CONNECT_TIMEOUT, not a hang.
-    """
-    global _group
-    if _group is None:
-        launched = any(k in os.environ for k in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_RANK"))
-        watcher = _watch_connect(CONNECT_TIMEOUT) if launched else None
-        _group = mx.distributed.init()
-        if watcher is not None:
-            fd, pid = watcher
-            os.write(fd, b"1")
-            os.close(fd)
-            os.waitpid(pid, 0)
-        if _group.size() > 1:
-            signal.signal(signal.SIGTERM, _terminated)
-    return _group
-
-
-def _watch_connect(timeout: float) -> tuple[int, int]:
-    """A forked watcher that ends this process with a one-line error unless told, through a pipe,
-    within `timeout` s that every peer connected. (MLX joins holding the GIL, so no Python thread
-    or signal handler of ours could run meanwhile; the watcher only sleeps and writes.)"""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(w)
-        ready, _, _ = select.select([r], [], [], timeout)
-        if not ready:
-            os.write(2, (f"error: could not reach every process of this run within {timeout:.0f} s (check the "
-                         "hosts, that each one started, and the network; MLX_MIXTRAL_CONNECT_TIMEOUT sets the "
-                         "wait)\n").encode())
-            os.kill(os.getppid(), signal.SIGKILL)
-        os._exit(0)
-    os.close(r)
-    return w, pid
-
-
-def _terminated(signum, frame) -> None:
-    """mlx.launch stops the others when one process ends: say so, in one line."""
-    print(f"error: process {_group.rank()} stopped: another process of this run ended (its error is above); "
-          "any reply is incomplete", file=sys.stderr, flush=True)
-    os._exit(1)
-
-
-def single_process(what: str) -> None:
-    """Refuse, in one line, a front door that cannot run split over processes."""
-    if world().size() > 1:
-        raise MixtralError(f"{what} runs in one process, not under mlx.launch; start it on its own")
-
-
-def peer_lost(e: BaseException) -> bool:
-    """Whether `e` is MLX's report of a peer that died or dropped off the network mid-run."""
-    message = str(e)
-    return isinstance(e, RuntimeError) and ("[ring]" in message or "peer" in message.lower())
+from ..checkpoint import Checkpoint, TensorBytes
+from ..config import ModelConfig
+from ..errors import MixtralError
+from ..checkpoint import HF_EXPERT_NAMES, SAFETENSORS_DTYPES, memory_dtype, tensor_from_bytes
 
 
 @dataclass(frozen=True)
@@ -155,33 +88,12 @@ class Split:
         return None
 
 
-class AllSum(nn.Module):
-    """A block whose output is this rank's share of a sum: `all_sum` over the ranks completes it."""
-
-    def __init__(self, block: nn.Module, group: Any):
-        super().__init__()
-        self.block = block
-        self._group = group
-
-    def __call__(self, *args: Any) -> mx.array:
-        return mx.distributed.all_sum(self.block(*args), group=self._group)
-
-    # Transparent otherwise: `layer.block_sparse_moe.switch_mlp` is the wrapped block's, for reading
-    # and for replacing (the routing log installs its recorders there).
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return super().__getattr__(key)
-        except AttributeError:
-            block = self.get("block")
-            if block is None:
-                raise
-            return getattr(block, key)
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        if "block" not in self or key.startswith("_"):  # while constructing, and private state
-            super().__setattr__(key, value)
-        else:
-            setattr(self["block"], key, value)
+def all_sum_over(group: Any) -> Callable[[mx.array], mx.array]:
+    """`DecoderLayer.combine` under tensor parallelism: each process computed its share of a
+    sublayer's output (its heads, its slice of every expert); the sum over processes completes it."""
+    def combine(y: mx.array) -> mx.array:
+        return mx.distributed.all_sum(y, group=group)
+    return combine
 
 
 def _read(where: TensorBytes, axis: int | None, start: int, stop: int, unpacked: int) -> np.ndarray:
@@ -213,7 +125,7 @@ def read_tensor(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | No
         unpacked = unpacked_width(name, axis, config) if axis is not None else 1
     head, sep, tail = name.partition(".block_sparse_moe.switch_mlp.")
     proj, _, part = tail.partition(".")
-    per_expert = f"{head}.block_sparse_moe.experts.{{}}.{_HF_NAMES.get(proj)}.{part}"  # Hugging Face layout
+    per_expert = f"{head}.block_sparse_moe.experts.{{}}.{HF_EXPERT_NAMES.get(proj)}.{part}"  # Hugging Face layout
     if sep and per_expert.format(0) in ckpt.origin:
         sources = [ckpt.byte_range(per_expert.format(e)) for e in range(config.num_local_experts)]
         # Each expert's tensor is one stacked row: the same (negative) axis, one dimension fewer.
@@ -221,15 +133,4 @@ def read_tensor(ckpt: Checkpoint, name: str, config: ModelConfig, axis: int | No
     else:
         where = ckpt.byte_range(name)
         raw, stored = _read(where, axis, a, b, unpacked), where.dtype
-    return _to_mlx(memoryview(raw).cast("B"), stored, memory_dtype(stored, dtype), raw.shape)
-
-
-def agreed_seed(model: Any, seed: int | None) -> int | None:
-    """The sampling seed to use: `seed` as given for a model in one process; split over
-    processes, one seed for all of them (`seed`, or rank 0's random pick), so that processes
-    sampling the same logits pick the same tokens."""
-    if getattr(model, "split", None) is None or seed is not None:
-        return seed
-    group = world()
-    mine = int.from_bytes(os.urandom(4), "little") >> 1 if group.rank() == 0 else 0
-    return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item())
+    return tensor_from_bytes(memoryview(raw).cast("B"), stored, memory_dtype(stored, dtype), raw.shape)

@@ -22,13 +22,14 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .errors import MixtralError
+from ..errors import MixtralError
+from .budget import Plan
 from .expert_store import ExpertStore
 from .routing import RoutingLog
 
@@ -47,14 +48,31 @@ FREED_EXPERTS_KEPT = 4
 MMAP_THRESHOLD = 1 << 20
 
 
-def _give_freed_memory_back(expert_bytes: int) -> None:
-    """Keep memory freed by evictions from lingering outside the budget (process-wide settings)."""
-    mx.set_cache_limit(min(mx.get_memory_limit(), FREED_EXPERTS_KEPT * expert_bytes))
+GLIBC_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, put back on close
+
+
+def _give_freed_memory_back(expert_bytes: int) -> Callable[[], None]:
+    """Keep memory freed by evictions from lingering outside the budget. These are process-wide
+    settings: the returned function puts them back (MLX's cache limit as it was; glibc's mmap
+    threshold to its initial 128 KiB, since glibc cannot be asked for the current value)."""
+    previous = mx.set_cache_limit(min(mx.get_memory_limit(), FREED_EXPERTS_KEPT * expert_bytes))
+    mallopt = None
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         try:
-            ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD in <malloc.h>
+            mallopt = ctypes.CDLL(None).mallopt
+            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         except (OSError, AttributeError):
-            pass
+            mallopt = None
+
+    def restore() -> None:
+        mx.set_cache_limit(previous)
+        if mallopt is not None:
+            mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD)
+
+    return restore
+
+
+M_MMAP_THRESHOLD = -3  # in <malloc.h>
 
 
 @dataclass
@@ -97,14 +115,15 @@ class ExpertCache:
     """Experts in memory, at most `capacity` bytes of them, filled from `store`."""
 
     def __init__(self, store: ExpertStore, capacity: int, policy: str = DEFAULT_POLICY,
-                 readers: int = READERS, prefetch: bool = True):
+                 readers: int = READERS, prefetch: bool = True, plan: Plan | None = None):
         if policy not in POLICIES:
             raise MixtralError(f"unknown expert cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         self.store, self.capacity, self.policy = store, capacity, policy
         self.prefetch_enabled = prefetch
         self.expert_bytes = store.max_expert_bytes
         self.slots = capacity // self.expert_bytes  # experts that fit at once
-        _give_freed_memory_back(self.expert_bytes)
+        self.plan = plan  # what the budget bought, as `budget.plan` worked it out (for the front doors)
+        self._restore: Callable[[], None] | None = _give_freed_memory_back(self.expert_bytes)
         self.log = RoutingLog(store.num_layers, store.num_experts)
         self.stats = StreamStats()
         self._entries: dict[tuple[int, int], _Entry] = {}
@@ -244,5 +263,9 @@ class ExpertCache:
         return s
 
     def close(self) -> None:
+        """Stop the readers, close the files and put the process-wide memory settings back."""
         self._pool.shutdown(wait=True)
         self.store.close()
+        if self._restore is not None:
+            self._restore, restore = None, self._restore
+            restore()

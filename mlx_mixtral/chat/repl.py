@@ -24,12 +24,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
+from ..arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
 from .conversation import SETTING_KEYS, ChatSession, Settings, Turn
-from .errors import MixtralError
-from .expert_view import heatmap, streaming_line
-from .routing import log_of
-from .tokenizer import BASE_MODEL_NOTE
+from ..errors import MixtralError
+from ..experts.expert_view import heatmap, streaming_line
+from ..experts.routing import log_of
+from ..tokenizer import BASE_MODEL_NOTE
 
 HISTORY_ENV = "MLX_MIXTRAL_HISTORY"  # a path, or empty to keep no history
 HISTORY_LENGTH = 1000  # lines kept in the history file
@@ -289,8 +289,8 @@ class Repl:
         ended_line = True
         model = self.session.model
         log_of(model).reset()  # /experts and /stats describe this reply
-        if getattr(model, "expert_cache", None) is not None:
-            model.expert_cache.reset_stats()
+        if model.runtime.expert_cache is not None:
+            model.runtime.expert_cache.reset_stats()
         stream = self.session.stream(turn)
         with _ReplyTerminal() as interrupt:
             try:
@@ -451,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_from_args(
         args, lambda line: console.print(line, style="dim", markup=False, highlight=False),
         context=lambda _: args.max_context)
-    from .sharding import agreed_seed
+    from ..distributed.group import agreed_seed
 
     session_seed = agreed_seed(model, settings.seed)
     if session_seed is not None and settings.seed is None:  # split over processes: one RNG state for all

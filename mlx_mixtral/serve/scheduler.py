@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MixtralError
-from .sampling import SamplingParams
+from ..errors import MixtralError
+from ..sampling import SamplingParams
 
 
 @dataclass
@@ -168,7 +168,7 @@ class Scheduler:
                 return
 
     def _serve(self, job: Job) -> None:
-        from .generate import stream_generate
+        from ..generate import stream_generate
 
         entry = self.pool.take(job.prompt)
         fed = entry.prepare(job.prompt)

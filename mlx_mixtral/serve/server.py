@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
-from .errors import MixtralError
-from .tokenizer import BASE_MODEL_NOTE
+from ..arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
+from ..errors import MixtralError
+from ..tokenizer import BASE_MODEL_NOTE
 from .openai_api import APIError, Defaults, Reply, bad, parse, sse
 from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler
 
@@ -286,9 +286,9 @@ def run(args: argparse.Namespace) -> int:
         raise MixtralError("serve needs its HTTP stack: pip install 'mlx-mixtral[serve]' (starlette, uvicorn)")
     import uvicorn
 
-    from .budget import gb, parse_size
+    from ..experts.budget import gb, parse_size
     from .prompt_pool import PromptPool
-    from .sharding import single_process
+    from ..distributed.group import single_process
 
     single_process("serve")
 

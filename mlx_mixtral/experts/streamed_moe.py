@@ -27,10 +27,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .device import part_stream
+from ..device import part_stream
 from .expert_cache import ExpertCache
-from .expert_store import PROJECTIONS
-from .model import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
+from ..checkpoint import PROJECTIONS
+from ..model import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
 
 Quantization = tuple[int, int, str] | None  # (group_size, bits, mode) of a projection, or float
@@ -47,10 +47,7 @@ def _projection(arrays: dict[str, mx.array], proj: str, quantization: Quantizati
     if quantization is not None:
         return QuantizedSwitchLinear(arrays[f"{proj}.weight"], arrays[f"{proj}.scales"],
                                      arrays.get(f"{proj}.biases"), *quantization)
-    layer = SwitchLinear.__new__(SwitchLinear)
-    nn.Module.__init__(layer)
-    layer.weight = arrays[f"{proj}.weight"]
-    return layer
+    return SwitchLinear.from_weight(arrays[f"{proj}.weight"])
 
 
 class StreamedSwitchGLU(nn.Module):
@@ -65,11 +62,7 @@ class StreamedSwitchGLU(nn.Module):
         self._hidden = template.down_proj["weight"].shape[1]
 
     def _expert(self, arrays: dict[str, mx.array]) -> SwitchGLU:
-        glu = SwitchGLU.__new__(SwitchGLU)
-        nn.Module.__init__(glu)
-        for p in PROJECTIONS:
-            setattr(glu, p, _projection(arrays, p, self._quantization[p]))
-        return glu
+        return SwitchGLU.from_projections(*(_projection(arrays, p, self._quantization[p]) for p in PROJECTIONS))
 
     def _compute(self, x: mx.array, chosen: list[int], futures: dict, token_of: np.ndarray,
                  starts: np.ndarray, counts: np.ndarray) -> list[mx.array]:
@@ -84,7 +77,7 @@ class StreamedSwitchGLU(nn.Module):
             # another stream runs after that stream's earlier parts (measured: 2x slower).
             with part_stream(n):
                 xs = x.reshape(-1, 1, x.shape[-1])[mx.array(token_of[a: a + m])]
-                out[i] = glu._glu(xs, mx.zeros((m,), mx.uint32), True)
+                out[i] = glu.glu(xs, mx.zeros((m,), mx.uint32), True)
             mx.async_eval(out[i])
         mx.eval(out)
         return out
@@ -129,6 +122,6 @@ def stream_experts(model, cache: ExpertCache) -> None:
     for i, layer in enumerate(layers):
         moe = layer.block_sparse_moe
         nxt = layers[i + 1].block_sparse_moe.gate if i + 1 < len(layers) else None
-        moe.switch_mlp = StreamedSwitchGLU(i, moe.switch_mlp, cache, nxt, top_k)
-    model.expert_cache = cache
-    model.routing_log = cache.log
+        moe.replace_experts(StreamedSwitchGLU(i, moe.switch_mlp, cache, nxt, top_k))
+    model.runtime.expert_cache = cache
+    model.runtime.routing_log = cache.log

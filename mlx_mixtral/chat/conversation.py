@@ -20,13 +20,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import MixtralError
-from .generate import GenerationResponse, stream_generate
-from .kv_format import FLOAT, KVFormat
-from . import prompt_cache
-from .prompt_cache import PromptCache
-from .sampling import SamplingParams, check_max_tokens, check_seed
-from .tokenizer import Tokenizer
+from ..errors import MixtralError
+from ..generate import GenerationResponse, stream_generate
+from ..kv_format import FLOAT, KVFormat
+from .. import prompt_cache
+from ..prompt_cache import PromptCache
+from ..sampling import SamplingParams, check_max_tokens, check_seed
+from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -258,7 +258,7 @@ class ChatSession:
         split over processes keeps no .kv (each process holds a different part of the cache)."""
         path = self.conversation.save(path, self.tokenizer.chat_format.fingerprint)
         kv_path = kv_file(path)
-        split = getattr(self.model, "split", None) is not None
+        split = self.model.runtime.split is not None
         keep = bool(self.cache.ids) and not split and (kv if kv is not None else self.cache.nbytes <= KV_SAVE_LIMIT)
         if keep:
             prompt_cache.save(kv_path, self.cache, self.tokenizer)

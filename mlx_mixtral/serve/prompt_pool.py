@@ -11,8 +11,8 @@ until the pool fits its budget. One request at a time uses the pool (the schedul
 
 from __future__ import annotations
 
-from .kv_format import FLOAT, KVFormat
-from .prompt_cache import PromptCache, common_prefix_length
+from ..kv_format import FLOAT, KVFormat
+from ..prompt_cache import PromptCache, common_prefix_length
 
 
 class PromptPool:

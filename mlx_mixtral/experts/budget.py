@@ -10,48 +10,22 @@ elsewhere, the RAM available now; minus the KV cache of the context and a margin
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint import BUFFERS, Checkpoint
-from .config import ModelConfig
-from .device import compute_dtype, metal_available
-from .errors import MixtralError
-from .expert_store import is_expert_tensor, memory_dtype
-from .kv_format import FLOAT, KVFormat
+from ..checkpoint import BUFFERS, Checkpoint, is_expert_tensor, memory_dtype
+from ..config import ModelConfig
+from ..device import compute_dtype, metal_available
+from ..errors import MixtralError
+from ..kv_format import FLOAT, KVFormat
+from ..units import gb, parse_size  # noqa: F401 (budget's sizes are the package's)
 
 AUTO = "auto"
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 MARGIN_FRACTION = 0.05  # of the machine's memory, kept free for activations and the allocator
 MARGIN_BYTES = 512 * 10**6
-
-
-def parse_size(text: str | int, what: str = "--max-memory") -> int:
-    """'12GB', '12G', '11.5GiB', '500MB', or a number of bytes -> bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _UNITS:
-            raise MixtralError(f"{what} {text!r} is not a size; write it like 12GB, 11.5GiB or 800MB (or auto)")
-        value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise MixtralError(f"{what} must be positive, got {text!r}")
-    return value
-
-
-def gb(n: int) -> str:
-    """A byte count for people: GB with two decimals, MB or KB below that."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n / 1e3:.1f} KB"
 
 
 def machine_memory() -> tuple[int, str]:
