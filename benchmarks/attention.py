@@ -1,6 +1,6 @@
 """Attention over a long KV cache, one layer of Mixtral-8x7B's shape, float against quantized.
 
-    python benchmarks/attention.py
+    python -m benchmarks.attention
 
 One decode query (and one 512-token prefill chunk) over 4k and 16k cached positions: MLX's fused
 kernel unsplit, our float path (split by KV head over the CPU streams), and 8/4-bit caches.
@@ -37,13 +37,14 @@ def main() -> None:
             q = mx.random.normal((1, HEADS, length, HEAD_DIM))
             mask = "causal" if length > 1 else None
             mx.eval(q, k, v)
-            row = {"fused": timed(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.1, mask=mask), n),
-                   "float split": timed(lambda: FLOAT.attend(q, (k,), (v,), 0.1, mask), n)}
+            row = {"fused": timed(lambda q=q, k=k, v=v, mask=mask: mx.fast.scaled_dot_product_attention(
+                       q, k, v, scale=0.1, mask=mask), n),
+                   "float split": timed(lambda q=q, k=k, v=v, mask=mask: FLOAT.attend(q, (k,), (v,), 0.1, mask), n)}
             for bits in (8, 4):
                 fmt = QuantizedKV(bits)
                 kq, vq = fmt.encode(k), fmt.encode(v)
                 mx.eval(kq, vq)
-                row[f"{bits}-bit"] = timed(lambda: fmt.attend(q, kq, vq, 0.1, mask), n)
+                row[f"{bits}-bit"] = timed(lambda fmt=fmt, q=q, kq=kq, vq=vq, mask=mask: fmt.attend(q, kq, vq, 0.1, mask), n)
             print(f"{length:>3} queries over {depth:>5} keys: " + ", ".join(f"{k} {t:.1f} ms" for k, t in row.items()))
 
 

@@ -1,8 +1,8 @@
 """Speed of mlx-mixtral in llama-bench's vocabulary, optionally side by side with mlx-lm.
 
-    python benchmarks/bench.py --model PATH                      # a converted or Hugging Face folder
-    python benchmarks/bench.py --synthetic small --bits 4        # random weights, nothing downloaded
-    python benchmarks/bench.py --synthetic small --bits 4 --compare mlx-lm --dense-baseline
+    python -m benchmarks.bench --model PATH                      # a converted or Hugging Face folder
+    python -m benchmarks.bench --synthetic small --bits 4        # random weights, nothing downloaded
+    python -m benchmarks.bench --synthetic small --bits 4 --compare mlx-lm --dense-baseline
 
 Figures: ppN (prompt processing, tok/s, from an empty cache), ttft (time to first token at the
 first pp size), tgN@dD (N generated tokens after a context of D tokens, tok/s), load time, peak
@@ -36,20 +36,15 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helpers, when run as a script
-
-import disk  # noqa: E402
-import roofline  # noqa: E402
-import synthetic  # noqa: E402
-
-from mlx_mixtral import SamplingParams, make_cache, stream_generate  # noqa: E402
-from mlx_mixtral.config import ModelConfig  # noqa: E402
-from mlx_mixtral.errors import MixtralError  # noqa: E402
-from mlx_mixtral.experts.expert_cache import DEFAULT_POLICY, POLICIES  # noqa: E402
-from mlx_mixtral.kv_format import FLOAT, KV_BITS, KV_GROUP_SIZES, kv_format  # noqa: E402
-from mlx_mixtral.loading import load_model, would_fit  # noqa: E402
-from mlx_mixtral.model import Mixtral  # noqa: E402
-from mlx_mixtral.distributed.group import end_with_peers, world  # noqa: E402
+from benchmarks import disk, roofline, synthetic
+from mlx_mixtral import SamplingParams, make_cache, stream_generate
+from mlx_mixtral.config import ModelConfig
+from mlx_mixtral.distributed.group import end_with_peers, world
+from mlx_mixtral.errors import MixtralError
+from mlx_mixtral.experts.expert_cache import DEFAULT_POLICY, POLICIES
+from mlx_mixtral.kv_format import FLOAT, KV_BITS, KV_GROUP_SIZES, kv_format
+from mlx_mixtral.loading import load_model, would_fit
+from mlx_mixtral.model import Mixtral
 
 OURS = "mlx-mixtral"
 MLX_LM = "mlx-lm"

@@ -14,7 +14,7 @@ The same is done on a random model of the same shape with decisive routing (quan
 weights), so the gap between them says how far the random-weight figures are from a trained
 model's.
 
-    python benchmarks/cache_hits.py [--tokens 512] [--slots 4 8 16 24]
+    python -m benchmarks.cache_hits [--tokens 512] [--slots 4 8 16 24]
 """
 
 from __future__ import annotations
@@ -29,17 +29,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import train_small  # noqa: E402
-from quant_quality import random_model, run_model  # noqa: E402
-
-from convert.convert import convert  # noqa: E402
-from mlx_mixtral.cache import make_cache  # noqa: E402
-from mlx_mixtral.config import ModelConfig  # noqa: E402
-from mlx_mixtral.experts.expert_cache import POLICIES  # noqa: E402
-from mlx_mixtral.loading import load_model  # noqa: E402
+from benchmarks import train_small
+from benchmarks.quant_quality import random_model, run_model
+from convert.convert import convert
+from mlx_mixtral.cache import make_cache
+from mlx_mixtral.config import ModelConfig
+from mlx_mixtral.experts.expert_cache import POLICIES
+from mlx_mixtral.loading import load_model
 
 PROMPTS = 4  # held-out windows, decoded one after another with a fresh KV cache each
 
@@ -131,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     src = args.trained / "float32"
     if not (src / "model.safetensors").is_file():
-        raise SystemExit(f"error: {src} has no trained model; run python benchmarks/train_small.py first")
+        raise SystemExit(f"error: {src} has no trained model; run python -m benchmarks.train_small first")
     heldout = np.load(args.trained / "corpus" / "heldout.npy")
     tokens = train_small.eval_windows(heldout, args.tokens - 1, PROMPTS)
     work = Path(tempfile.mkdtemp(prefix="cache_hits-"))

@@ -11,7 +11,7 @@ The generator streams every tensor to disk from a small pool of random values, s
 hundred MB whatever the checkpoint's size. Data goes under --work (default /tmp/convert_memory),
 removed at the end unless --keep.
 
-    python benchmarks/convert_memory.py [--layers 2] [--work /tmp/convert_memory] [--keep]
+    python -m benchmarks.convert_memory [--layers 2] [--work /tmp/convert_memory] [--keep]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a quantized KV cache costs in quality and saves in memory, on the trained yardstick.
 
-    python benchmarks/kv_quality.py                 # the model benchmarks/train_small.py trained
-    python benchmarks/kv_quality.py --tokens 3072 --generate 512
+    python -m benchmarks.kv_quality                 # the model benchmarks/train_small.py trained
+    python -m benchmarks.kv_quality --tokens 3072 --generate 512
 
 Quality, two ways, each against the float cache of the same model:
 - teacher-forced: held-out text fed in decode-sized chunks, KL(float || quantized) of every
@@ -24,14 +24,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import synthetic  # noqa: E402
-import train_small  # noqa: E402
-
-import mlx_mixtral  # noqa: E402
-from mlx_mixtral import kv_format, make_cache  # noqa: E402
-from mlx_mixtral.experts.budget import kv_cache_bytes  # noqa: E402
+import mlx_mixtral
+from benchmarks import synthetic, train_small
+from mlx_mixtral import kv_format, make_cache
+from mlx_mixtral.experts.budget import kv_cache_bytes
 
 FORMATS = [(8, 64), (8, 32), (4, 64), (4, 32)]
 CHUNK = 16  # tokens per step: decode-like, so nearly every query reads quantized past keys
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if not (args.model / "config.json").exists():
-        print(f"error: no model at {args.model}; run python benchmarks/train_small.py first", file=sys.stderr)
+        print(f"error: no model at {args.model}; run python -m benchmarks.train_small first", file=sys.stderr)
         return 2
     model, _ = mlx_mixtral.load(args.model, progress=False)
     heldout = np.load(args.model.parent / "corpus" / "heldout.npy")

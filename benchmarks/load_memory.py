@@ -1,4 +1,4 @@
-"""Peak memory while loading a model: `python benchmarks/load_memory.py MODEL_FOLDER ours|mlxlm`.
+"""Peak memory while loading a model: `python -m benchmarks.load_memory MODEL_FOLDER ours|mlxlm`.
 
 Prints the loaded parameters' size against the process's peak RSS and MLX's peak, so a loader
 that holds a second copy of the weights (or of a layer's experts) shows up. Run one load per

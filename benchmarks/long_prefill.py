@@ -1,7 +1,7 @@
 """Peak memory of a long prefill: chunks sized by memory (`generate.prefill_chunk`) against fixed chunks.
 
-    python benchmarks/long_prefill.py                          # 16k tokens, small shape, 2 layers
-    python benchmarks/long_prefill.py --tokens 16384 --layers 8 --fixed 512 2048
+    python -m benchmarks.long_prefill                          # 16k tokens, small shape, 2 layers
+    python -m benchmarks.long_prefill --tokens 16384 --layers 8 --fixed 512 2048
 
 Where attention scores are materialised (MLX's CPU backend; quantized attention everywhere), a
 chunk of L queries over K held keys takes 2 x heads x L x (K + L) x 4 bytes of scores and
@@ -25,12 +25,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import synthetic  # noqa: E402
-
-from mlx_mixtral import kv_format, make_cache  # noqa: E402
-from mlx_mixtral.generate import SCORES_BUDGET, prefill  # noqa: E402
+from benchmarks import synthetic
+from mlx_mixtral import kv_format, make_cache
+from mlx_mixtral.generate import SCORES_BUDGET, prefill
 
 
 def run(model, tokens: list[int], fmt, fixed: int | None) -> dict:

@@ -6,21 +6,16 @@ gives), so nothing is downloaded. For each size: the smallest Mac that holds it 
 lets the GPU use about 75% of memory by default, see README) and `--max-memory` for streaming on
 the Macs that cannot, with the resident part (everything but the experts) and one expert's size.
 
-    python benchmarks/model_sizes.py            # markdown tables for README / RESULTS
+    python -m benchmarks.model_sizes            # markdown tables for README / RESULTS
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import SHAPES  # noqa: E402
-from convert.convert import nbytes, output_model  # noqa: E402
-from convert.quant_policy import QuantPolicy, quantizable_modules  # noqa: E402
+from benchmarks.synthetic import SHAPES
+from convert.convert import nbytes, output_model
+from convert.quant_policy import QuantPolicy, quantizable_modules
 
 RECIPES = [  # (label, converter flags, policy; None = bf16 as published)
     ("bf16 as published", "(no flag)", None),

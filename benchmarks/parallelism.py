@@ -1,8 +1,8 @@
 """Expert parallelism against the tensor split, from the routing of real text.
 
-    python benchmarks/parallelism.py            # the model benchmarks/train_small.py trained
-    python benchmarks/parallelism.py --tokens 4096 --processes 2 4 8
-    mlx.launch --backend ring -n 2 -- python benchmarks/parallelism.py --timed FOLDER   # both, timed
+    python -m benchmarks.parallelism            # the model benchmarks/train_small.py trained
+    python -m benchmarks.parallelism --tokens 4096 --processes 2 4 8
+    mlx.launch --backend ring -n 2 -- python -m benchmarks.parallelism --timed FOLDER   # both, timed
 
 Splitting the experts across N processes can go two ways. The tensor split (ours, `sharding`)
 cuts every expert along its intermediate dimension: each process does 1/N of every routed
@@ -36,13 +36,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import synthetic  # noqa: E402
-import train_small  # noqa: E402
-from quant_quality import run_model  # noqa: E402
-
-from mlx_mixtral.loading import build_model, load_model  # noqa: E402
+from benchmarks import synthetic, train_small
+from benchmarks.quant_quality import run_model
+from mlx_mixtral.loading import build_model, load_model
 
 
 class ExpertParallelMoE:
@@ -101,9 +97,9 @@ def expert_parallel_model(folder: Path, group):
 def timed(folder: Path, prompt_tokens: int, new_tokens: int, trials: int) -> dict:
     """Both splits, interleaved per trial: prefill tok/s and decode tok/s, and whether they agree."""
     from mlx_mixtral import make_cache
-    from mlx_mixtral.sampling import SamplingParams
     from mlx_mixtral.distributed.group import world
     from mlx_mixtral.generate import stream_generate
+    from mlx_mixtral.sampling import SamplingParams
 
     group = world()
     models = {"tensor split": load_model(folder, progress=False), "expert parallel": expert_parallel_model(folder, group)}
@@ -181,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     folder = args.trained / "float32"
     if not (folder / "config.json").is_file():
-        raise SystemExit(f"error: {folder} has no trained model; run python benchmarks/train_small.py first")
+        raise SystemExit(f"error: {folder} has no trained model; run python -m benchmarks.train_small first")
     heldout = np.load(args.trained / "corpus" / "heldout.npy")
     windows = train_small.eval_windows(heldout, args.chunk, max(1, args.tokens // args.chunk))
     choices = routing(folder, windows)

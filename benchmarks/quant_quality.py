@@ -20,8 +20,8 @@ routing): the same figures plus held-out perplexity, over its held-out windows, 
 widths and for mixed recipes (attention at more bits than the experts). It first checks the
 yardstick: the float32 checkpoint converted and loaded by us must give transformers' perplexity.
 
-    python benchmarks/quant_quality.py [--seeds 3] [--sequences 4] [--length 64]
-    python benchmarks/quant_quality.py --trained [--windows 16]    # ~20 min on 2 cores
+    python -m benchmarks.quant_quality [--seeds 3] [--sequences 4] [--length 64]
+    python -m benchmarks.quant_quality --trained [--windows 16]    # ~20 min on 2 cores
 """
 
 from __future__ import annotations
@@ -40,17 +40,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import train_small  # noqa: E402
-from synthetic import SHAPES  # noqa: E402
-
-from convert.convert import convert, nbytes, output_model, parameter_count  # noqa: E402
-from convert.quant_policy import QuantPolicy, module_kind, quantizable_modules  # noqa: E402
-from mlx_mixtral.config import ModelConfig  # noqa: E402
-from mlx_mixtral.loading import load_model  # noqa: E402
-from mlx_mixtral.model import Mixtral  # noqa: E402
+from benchmarks import train_small
+from benchmarks.synthetic import SHAPES
+from convert.convert import convert, nbytes, output_model, parameter_count
+from convert.quant_policy import QuantPolicy, module_kind, quantizable_modules
+from mlx_mixtral.config import ModelConfig
+from mlx_mixtral.loading import load_model
+from mlx_mixtral.model import Mixtral
 
 CONFIG = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=896, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=8,
@@ -186,7 +182,7 @@ def main_trained(out: Path, count: int, length: int) -> None:
     """Every policy on the model `train_small.py` trained, scored on its held-out text."""
     src = out / "float32"
     if not (src / "model.safetensors").is_file():
-        raise SystemExit(f"error: {src} has no trained model; run python benchmarks/train_small.py first")
+        raise SystemExit(f"error: {src} has no trained model; run python -m benchmarks.train_small first")
     windows = train_small.eval_windows(np.load(out / "corpus" / "heldout.npy"), length, count)
     work = Path(tempfile.mkdtemp(prefix="quant_quality-"))
     rows = trained_rows()

@@ -24,12 +24,12 @@ import subprocess
 import time
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_mixtral.experts.budget import kv_cache_bytes  # noqa: F401 (part of this module's interface)
 from mlx_mixtral.config import ModelConfig
+from mlx_mixtral.experts.budget import kv_cache_bytes  # noqa: F401 (part of this module's interface)
 from mlx_mixtral.model import Mixtral
 
 # Unified-memory bandwidth in GB/s (Apple's published figures), for the chip name in

@@ -1,7 +1,7 @@
 """`mlx-mixtral serve` under load, and what its prompt cache saves, on a real server over loopback.
 
-    python benchmarks/server_load.py                         # the trained yardstick model
-    python benchmarks/server_load.py --model PATH --clients 8 --requests 4 --turns 10
+    python -m benchmarks.server_load                         # the trained yardstick model
+    python -m benchmarks.server_load --model PATH --clients 8 --requests 4 --turns 10
 
 Two parts, each against `mlx-mixtral serve` started here on a free loopback port:
 

@@ -1,7 +1,7 @@
 """Expert streaming on a model larger than this machine's RAM, side by side with mlx-lm.
 
-    python benchmarks/streaming.py                                  # 6/10/14 GB, LRU and LFU
-    python benchmarks/streaming.py --budgets 10GB --policies lru --pp 8 --tg 6
+    python -m benchmarks.streaming                                  # 6/10/14 GB, LRU and LFU
+    python -m benchmarks.streaming --budgets 10GB --policies lru --pp 8 --tg 6
 
 Writes (once) a random Mixtral-8x7B at 4 bits in mlx-lm's layout (26.3 GB, bf16 scales, under
 ~/.cache/mlx-mixtral/synthetic), then for every budget x policy (and the first budget without
@@ -28,11 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import disk  # noqa: E402
-
-from mlx_mixtral.experts.budget import machine_memory  # noqa: E402
+from benchmarks import disk
+from mlx_mixtral.experts.budget import machine_memory
 
 HERE = Path(__file__).resolve().parent
 SSDS = (3.0, 7.0, 17.0)  # GB/s: base M-series to M4 Pro/Max class internal SSDs

@@ -24,10 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_mixtral.experts.budget import machine_memory
 from mlx_mixtral.config import ModelConfig
 from mlx_mixtral.device import compute_dtype, in_parallel, parallel_ways, spans
 from mlx_mixtral.errors import MixtralError
+from mlx_mixtral.experts.budget import machine_memory
 from mlx_mixtral.loading import build_model
 from mlx_mixtral.model import Mixtral
 

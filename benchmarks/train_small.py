@@ -12,9 +12,9 @@ kernels are single-threaded. The run is deterministic (seeded batches drawn per 
 (a checkpoint every `--save-every` steps and on Ctrl-C; run the same command again to go on), and
 cached: later benchmarks find the model under `--out` and do not retrain.
 
-    python benchmarks/train_small.py                    # ~25 min on 2 cores, then reuses it
-    python benchmarks/train_small.py --report           # held-out perplexity, expert specialisation
-    python benchmarks/train_small.py --compare-mlx      # tokens/s of one training step, torch vs MLX
+    python -m benchmarks.train_small                    # ~25 min on 2 cores, then reuses it
+    python -m benchmarks.train_small --report           # held-out perplexity, expert specialisation
+    python -m benchmarks.train_small --compare-mlx      # tokens/s of one training step, torch vs MLX
 
 The cache folder holds `float32/` and `bfloat16/` (save_pretrained + tokenizer.model), the
 tokenized corpus, `train_state.pt` while training, and `report.json`.
@@ -38,9 +38,7 @@ from pathlib import Path
 import mistral_common
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_mixtral.progress import stderr_console  # noqa: E402
+from mlx_mixtral.progress import stderr_console
 
 TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 DEFAULT_OUT = Path.home() / ".cache" / "mlx-mixtral" / "trained" / "stdlib-mixtral-h256-l4"
@@ -133,7 +131,14 @@ def save_atomically(obj, path: Path) -> None:
 
 def train(args: argparse.Namespace) -> None:
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from transformers import MixtralConfig, MixtralForCausalLM
 
     out: Path = args.out

@@ -18,8 +18,14 @@ from mlx_mixtral.arguments import run_main
 from mlx_mixtral.errors import MixtralError
 
 from .convert import DTYPES, convert
-from .quant_policy import (DEFAULT_EMBED_BITS, DEFAULT_LM_HEAD_BITS, DEFAULT_ROUTER_BITS, SUPPORTED_BITS,
-                           SUPPORTED_GROUP_SIZES, parse_precision)
+from .quant_policy import (
+    DEFAULT_EMBED_BITS,
+    DEFAULT_LM_HEAD_BITS,
+    DEFAULT_ROUTER_BITS,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    parse_precision,
+)
 
 # dest, flag, bit widths offered: the router gate is never quantized below 8 bits (quant_policy.py).
 _POLICY_FLAGS = (("router_bits", "--router-bits", (8,)), ("embed_bits", "--embed-bits", SUPPORTED_BITS),

@@ -11,14 +11,16 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from .distributed.group import peer_lost, world
 from .errors import MixtralError
+from .experts.budget import AUTO
 from .experts.expert_cache import DEFAULT_POLICY, POLICIES
-
-if TYPE_CHECKING:  # imported lazily, so `--help` starts fast
-    from .sampling import SamplingParams
-    from .tokenizer import Tokenizer
+from .kv_format import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, KVFormat, kv_format
+from .loading import load_model, resolve, would_fit
+from .sampling import SamplingParams, check_max_tokens, check_seed
+from .tokenizer import Tokenizer
+from .units import gb, parse_size
 
 DEFAULT_MODEL = "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
 
@@ -41,8 +43,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_kv_args(parser: argparse.ArgumentParser) -> None:
     """How the KV cache stores keys and values (`generate`, `chat`, `cache-prompt`, `serve`)."""
-    from .kv_format import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES
-
     parser.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
                         help="store the KV cache quantized to this many bits (default: float); "
                              "8 takes 53%% of a float16 cache, 4 takes 28%%")
@@ -50,10 +50,8 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
                         help=f"values per quantization group of --kv-bits (default: {DEFAULT_KV_GROUP_SIZE})")
 
 
-def kv_from_args(args: argparse.Namespace, head_dim: int | None = None):
+def kv_from_args(args: argparse.Namespace, head_dim: int | None = None) -> KVFormat:
     """The KV format the flags ask for (`kv_format.FLOAT` without --kv-bits)."""
-    from .kv_format import kv_format
-
     return kv_format(args.kv_bits, args.kv_group_size, head_dim)
 
 
@@ -61,11 +59,6 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
                    context: Callable[[Tokenizer], int | None] = lambda _: None):
     """Load `--model` as the flags say: resident when it fits (or `--max-memory` is absent and it
     fits), else streaming within `--max-memory` or `auto`, saying so in one line."""
-    from .experts.budget import AUTO, gb, parse_size
-    from .loading import load_model, resolve, would_fit
-    from .distributed.group import world
-    from .tokenizer import Tokenizer
-
     max_memory = args.max_memory
     if max_memory is not None and max_memory.strip().lower() != AUTO:
         parse_size(max_memory)  # a typo fails before a download
@@ -110,8 +103,6 @@ def add_sampling_args(parser: argparse.ArgumentParser, temp: float = 0.0) -> Non
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     """Validated sampling parameters, so a bad flag fails before a multi-GB load."""
-    from .sampling import SamplingParams, check_max_tokens, check_seed
-
     params = SamplingParams(temp=args.temp, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     params.validate()
@@ -135,8 +126,6 @@ def run_main(func: Callable[[], int]) -> int:
         return 0
 
     except Exception as e:  # a bug: still one line, unless asked for the traceback
-        from .distributed.group import peer_lost
-
         if peer_lost(e):
             print(f"error: another process of this run died or lost its connection ({str(e).splitlines()[0]}); "
                   "any reply is incomplete", file=sys.stderr)

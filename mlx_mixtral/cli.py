@@ -7,20 +7,34 @@ Every user-fixable error ends as one line on stderr and a non-zero exit status (
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .arguments import add_model_args, add_sampling_args, load_from_args, run_main, sampling_from_args
+from rich.console import Console
+
+from convert import __main__ as convert_cli
+
+from . import prompt_cache
+from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, run_main, sampling_from_args
+from .cache import make_cache
+from .chat import repl
+from .distributed.group import agreed_seed, end_with_peers, single_process, world
 from .errors import MixtralError
-from .tokenizer.chat_formats import BASE_MODEL_NOTE
+from .experts.expert_view import heatmap, streaming_line
+from .experts.routing import log_of
+from .generate import GenerationResponse, prefill, stream_generate
+from .progress import progress_bar
+from .serve import server
+from .tokenizer import BASE_MODEL_NOTE
+from .units import gb
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
     """`--prompt`, or stdin without the one newline that ends what `echo` (or a file) sends, so
     `echo q | mlx-mixtral generate` and `--prompt q` see the same prompt."""
-    from .distributed.group import world
-
     if args.prompt is not None and args.prompt != "-":
         return args.prompt
     if world().size() > 1:
@@ -32,39 +46,21 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import mlx_mixtral
-
-    from .cache import make_cache
-    from .arguments import kv_from_args
-
+    """Answer one prompt: load, encode in the model's chat format (or raw), stream to stdout."""
     sampling = sampling_from_args(args)
-    prompt = _read_prompt(args)
-    system = args.system
+    prompt, system = _read_prompt(args), args.system
     if args.prompt_cache is not None:  # continue the cached text: encode the whole, reuse its prefix
-        from . import prompt_cache
-        from .distributed.group import single_process
-
-        single_process("generate --prompt-cache")
-
-        saved = prompt_cache.peek(args.prompt_cache)
-        if saved.get("mode") != ("raw" if args.raw else "chat"):
-            raise MixtralError(f"{args.prompt_cache} was cached {'with' if args.raw else 'without'} the chat "
-                               f"template: {'leave out' if args.raw else 'add'} --raw")
-        prompt = saved.get("text", "") + prompt
-        if system is None:
-            system = saved.get("system")
+        prompt, system = _continue_cached(args, prompt, system)
 
     def encode(tokenizer) -> list[int]:
         return _encode(tokenizer, prompt, args.raw, system)
 
-    note = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    model, tokenizer = load_from_args(args, note, context=lambda t: len(encode(t)) + args.max_tokens)
+    model, tokenizer = load_from_args(args, _note, context=lambda t: len(encode(t)) + args.max_tokens)
     tokens = encode(tokenizer)
-    chat_format = tokenizer.chat_format
     if args.verbose:
-        note(f"chat format: {'none (--raw)' if args.raw else chat_format.name}")
-    if not args.raw and chat_format.kind == "none":
-        note(BASE_MODEL_NOTE)
+        _note(f"chat format: {'none (--raw)' if args.raw else tokenizer.chat_format.name}")
+    if not args.raw and tokenizer.chat_format.kind == "none":
+        _note(BASE_MODEL_NOTE)
     fed, history, reused = tokens, [], 0
     if args.prompt_cache is not None:
         asked = kv_from_args(args) if args.kv_bits is not None else None
@@ -73,47 +69,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cache, history, reused = cached.cache, cached.ids, len(cached.ids)
     else:
         cache = make_cache(model, kv_from_args(args))
-    streaming = model.runtime.expert_cache
-    if streaming is not None:
-        streaming.reset_stats()
-    log = None
+    if model.runtime.expert_cache is not None:
+        model.runtime.expert_cache.reset_stats()
     if args.show_experts:
-        from .experts.routing import log_of
-
-        log = log_of(model)
-        log.reset()
+        log_of(model).reset()
     last = None
-    from .distributed.group import agreed_seed
-
-    seed = agreed_seed(model, args.seed)
-    for last in mlx_mixtral.stream_generate(
-        model, tokenizer, fed, max_tokens=args.max_tokens, sampling=sampling,
-        seed=seed, stop=args.stop or (), cache=cache, history=history,
-    ):
+    for last in stream_generate(model, tokenizer, fed, max_tokens=args.max_tokens, sampling=sampling,
+                                seed=agreed_seed(model, args.seed), stop=args.stop or (), cache=cache,
+                                history=history):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.verbose and last is not None:
-        from_cache = f" (+{reused} from the prompt cache)" if args.prompt_cache is not None else ""
-        print(
-            f"prompt: {last.prompt_tokens} tokens{from_cache}, {last.prompt_tps:.1f} tok/s | "
-            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
-            f"peak memory: {last.peak_memory_gb:.2f} GB | finish: {last.finish_reason}",
-            file=sys.stderr,
-        )
-        if streaming is not None:
-            from .experts.expert_view import streaming_line
-
-            print(streaming_line(model), file=sys.stderr)
-    if log is not None:
-        from rich.console import Console
-
-        from .experts.expert_view import heatmap
-
+        _report(model, last, f" (+{reused} from the prompt cache)" if args.prompt_cache is not None else "")
+    if args.show_experts:
         table = heatmap(log_of(model), "experts used over this reply")
         if table is not None:
             Console(stderr=True).print(table)
     return 0
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _continue_cached(args: argparse.Namespace, prompt: str, system: str | None) -> tuple[str, str | None]:
+    """`generate --prompt-cache`: the cached text with the prompt after it (and its system text)."""
+    single_process("generate --prompt-cache")
+    saved = prompt_cache.peek(args.prompt_cache)
+    if saved.get("mode") != ("raw" if args.raw else "chat"):
+        raise MixtralError(f"{args.prompt_cache} was cached {'with' if args.raw else 'without'} the chat "
+                           f"template: {'leave out' if args.raw else 'add'} --raw")
+    return saved.get("text", "") + prompt, system if system is not None else saved.get("system")
+
+
+def _report(model, last: GenerationResponse, from_cache: str) -> None:
+    """`--verbose`: speed and memory, and the expert cache's figures when streaming."""
+    _note(f"prompt: {last.prompt_tokens} tokens{from_cache}, {last.prompt_tps:.1f} tok/s | "
+          f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+          f"peak memory: {last.peak_memory_gb:.2f} GB | finish: {last.finish_reason}")
+    if model.runtime.expert_cache is not None:
+        _note(streaming_line(model))
 
 
 def _encode(tokenizer, text: str, raw: bool, system: str | None) -> list[int]:
@@ -127,15 +123,6 @@ def _encode(tokenizer, text: str, raw: bool, system: str | None) -> list[int]:
 
 def cmd_cache_prompt(args: argparse.Namespace) -> int:
     """Prefill a prompt once and save its KV state, for `generate --prompt-cache`."""
-    import time
-
-    from . import prompt_cache
-    from .arguments import kv_from_args
-    from .experts.budget import gb
-    from .generate import prefill
-    from .progress import progress_bar
-    from .distributed.group import single_process
-
     single_process("cache-prompt")
 
     path = Path(args.prompt_file).expanduser()
@@ -152,7 +139,7 @@ def cmd_cache_prompt(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise MixtralError(f"--out {out} is a folder; give the file to write")
-    note = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    note = _note
     model, tokenizer = load_from_args(args, note, context=lambda t: len(_encode(t, text, not args.chat, args.system)))
     tokens = _encode(tokenizer, text, not args.chat, args.system)
     if args.chat:
@@ -211,31 +198,25 @@ def _cache_prompt_parser(sub) -> None:
 
 
 def _chat_parser(sub) -> None:
-    from .chat.repl import add_arguments, run
-
     p = sub.add_parser("chat", help="interactive chat in the terminal",
                        description="Chat with Mixtral; /help lists the commands.")
-    add_arguments(p)
-    p.set_defaults(func=run)
+    repl.add_arguments(p)
+    p.set_defaults(func=repl.run)
 
 
 def _serve_parser(sub) -> None:
-    from .serve.server import add_arguments, run
-
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)",
                        description="Serve Mixtral over the OpenAI HTTP API: /v1/chat/completions, "
                                    "/v1/completions, /v1/models, /health.")
-    add_arguments(p)
-    p.set_defaults(func=run)
+    server.add_arguments(p)
+    p.set_defaults(func=server.run)
 
 
 def _convert_parser(sub) -> None:
-    from convert.__main__ import add_arguments, run
-
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to MLX (optionally quantized)",
                        description="Convert a Hugging Face Mixtral checkpoint to MLX.")
-    add_arguments(p)
-    p.set_defaults(func=run)
+    convert_cli.add_arguments(p)
+    p.set_defaults(func=convert_cli.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,10 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _join_the_run() -> None:
     """Under mlx.launch every rank runs the command: join the others, end with them (in one line,
     never hanging on a dead peer), and let rank 0 alone write the answer."""
-    import os
-
-    from .distributed.group import end_with_peers, world
-
     group = world()
     end_with_peers(group)
     if group.rank() != 0:

@@ -21,8 +21,14 @@ import mlx.core as mx
 from .cache import make_cache
 from .device import fused_attention, wired_limit
 from .errors import MixtralError
-from .sampling import (REPETITION_WINDOW, SamplingParams, apply_repetition_penalty, check_max_tokens,
-                       check_seed, make_sampler)
+from .sampling import (
+    REPETITION_WINDOW,
+    SamplingParams,
+    apply_repetition_penalty,
+    check_max_tokens,
+    check_seed,
+    make_sampler,
+)
 from .tokenizer import Tokenizer
 
 PREFILL_STEP = 512  # most tokens per prefill chunk
@@ -99,6 +105,100 @@ def _stop_split(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
     return text[: len(text) - hold], text[len(text) - hold :], False
 
 
+class PenalizedSampler:
+    """The sampler plus the repetition penalty's window of recent ids (prompt and generated)."""
+
+    def __init__(self, sampling: SamplingParams, recent: Sequence[int]):
+        self.sampling = sampling
+        self._sample = make_sampler(sampling)
+        self._recent = mx.array(list(recent)[-REPETITION_WINDOW:])
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """The next token (shape [1]) from a forward pass's logits [1, L, vocab] (last position)."""
+        logits = apply_repetition_penalty(logits[:, -1, :], self._recent, self.sampling.repetition_penalty)
+        y = self._sample(logits)
+        if self.sampling.repetition_penalty != 1.0:
+            self._recent = mx.concatenate([self._recent, y])[-REPETITION_WINDOW:]
+        return y
+
+
+def generate_step(model, tokens: Sequence[int], cache: list, sample: Callable[[mx.array], mx.array],
+                  max_tokens: int, prefill_step: int = PREFILL_STEP) -> Iterator[int]:
+    """The token loop: prefill `tokens` into `cache`, then yield up to `max_tokens` new ids.
+
+    Every prompt token but the last only has to leave its keys and values in the cache (`prefill`);
+    the last runs as an ordinary decode step. Double-buffered: step n+1 is dispatched before token
+    n is read back, so the device never waits on the host. Stopping early leaves at most that one
+    extra step in the cache.
+    """
+    prefill(model, tokens[:-1], cache, prefill_step)
+    y = sample(model(mx.array(list(tokens[-1:]))[None], cache=cache))
+    mx.async_eval(y)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:  # dispatch step n+1 before waiting for token n
+            next_y = sample(model(y[:, None], cache=cache))
+            mx.async_eval(next_y)
+        yield y.item()
+        if n + 1 < max_tokens:
+            y = next_y
+
+
+class _TextStream:
+    """Generated ids -> text: detokenizing, holding back what may grow into a stop string, EOS."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], stop_on_eos: bool):
+        self._eos = tokenizer.eos_token_ids if stop_on_eos else set()
+        self._detok = tokenizer.detokenizer()
+        self._stop = stop
+        self._pending = ""
+        self.tokens: list[int] = []  # generated ids, EOS excluded
+
+    def add(self, token: int, last: bool) -> tuple[str, str | None]:
+        """The text `token` makes final, and the finish reason if generation ends here."""
+        finish = None
+        if token in self._eos:
+            finish, piece = "stop", self._detok.finalize()
+        else:
+            self.tokens.append(token)
+            piece = self._detok.add_token(token)
+            if last:
+                finish = "length"
+                piece += self._detok.finalize()
+        emit, self._pending, stopped = _stop_split(self._pending + piece, self._stop)
+        if stopped:
+            return emit, "stop"
+        if finish is not None:
+            emit, self._pending = emit + self._pending, ""
+        return emit, finish
+
+
+def _checked_prompt(model, tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not tokens:
+        raise MixtralError("the prompt is empty: give at least one token")
+    rows = model.config.vocab_size
+    bad = next((t for t in tokens if not 0 <= t < rows), None)
+    if bad is not None:
+        raise MixtralError(f"the prompt holds token id {bad}, which the model's {rows}-row vocabulary does not have: "
+                           "the tokenizer files do not belong to this model")
+    return tokens
+
+
+def _room(model, cache: list, prompt: int, max_tokens: int, max_context: int | None) -> int:
+    """`max_tokens`, cut to what the context leaves after the cache and the prompt (or an error)."""
+    limit = model.config.max_position_embeddings
+    if max_context:
+        limit = min(limit, max_context)
+    cached = cache[0].offset
+    if cached + prompt >= limit:
+        held = f" plus {cached} already in context" if cached else ""
+        raise MixtralError(
+            f"the prompt has {prompt} tokens{held}, which does not fit the context of "
+            f"{limit} tokens with room to answer; shorten it"
+        )
+    return min(max_tokens, limit - cached - prompt)
+
+
 def stream_generate(
     model,
     tokenizer: Tokenizer,
@@ -113,100 +213,40 @@ def stream_generate(
     prefill_step: int = PREFILL_STEP,
     history: Sequence[int] = (),
 ) -> Iterator[GenerationResponse]:
-    """Generate from `prompt` (text, encoded with BOS; or token ids, used as given).
+    """Generate from `prompt` (text, encoded with BOS; or token ids, used as given): the token
+    loop (`generate_step`) with text, stop strings and speed figures on top.
 
     `max_context` caps the context below the model's `max_position_embeddings`. `history`: the
     ids `cache` already holds, if known; only the repetition penalty reads them, so that its
     window covers the context before this call too (a chat turn feeds only its new tokens).
     """
     sampling = sampling or SamplingParams()
-    sampler = make_sampler(sampling)
     if seed is not None:
         mx.random.seed(check_seed(seed))
-    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not tokens:
-        raise MixtralError("the prompt is empty: give at least one token")
-    rows = model.config.vocab_size
-    if not all(0 <= t < rows for t in tokens):
-        bad = next(t for t in tokens if not 0 <= t < rows)
-        raise MixtralError(f"the prompt holds token id {bad}, which the model's {rows}-row vocabulary does not have: "
-                           "the tokenizer files do not belong to this model")
+    tokens = _checked_prompt(model, tokenizer, prompt)
     check_max_tokens(max_tokens)
     if cache is None:
         cache = make_cache(model)
-    limit = model.config.max_position_embeddings
-    if max_context:
-        limit = min(limit, max_context)
-    cached = cache[0].offset
-    if cached + len(tokens) >= limit:
-        held = f" plus {cached} already in context" if cached else ""
-        raise MixtralError(
-            f"the prompt has {len(tokens)} tokens{held}, which does not fit the context of "
-            f"{limit} tokens with room to answer; shorten it"
-        )
-    max_tokens = min(max_tokens, limit - cached - len(tokens))
-    recent = mx.array([*history[-REPETITION_WINDOW:], *tokens][-REPETITION_WINDOW:])
-
-    def next_token(logits: mx.array) -> mx.array:
-        nonlocal recent
-        logits = apply_repetition_penalty(logits[:, -1, :], recent, sampling.repetition_penalty)
-        y = sampler(logits)
-        if sampling.repetition_penalty != 1.0:
-            recent = mx.concatenate([recent, y])[-REPETITION_WINDOW:]
-        return y
-
+    max_tokens = _room(model, cache, len(tokens), max_tokens, max_context)
+    sample = PenalizedSampler(sampling, [*history[-REPETITION_WINDOW:], *tokens])
+    text = _TextStream(tokenizer, stop, stop_on_eos)
     with wired_limit():
         mx.reset_peak_memory()
         start = time.perf_counter()
-        # Every prompt token but the last only has to leave its keys/values in the cache; the
-        # last then runs as an ordinary decode step.
-        prefill(model, tokens[:-1], cache, prefill_step)
-        y = next_token(model(mx.array(tokens[-1:])[None], cache=cache))
-        mx.async_eval(y)
-
-        detok = tokenizer.detokenizer()
-        generated: list[int] = []
-        pending = ""
-        prompt_tps = gen_start = 0.0
-        n = 0
-        while True:
-            if n + 1 < max_tokens:  # dispatch step n+1 before waiting for token n
-                next_y = next_token(model(y[:, None], cache=cache))
-                mx.async_eval(next_y)
-            token = y.item()
-            if n == 0:
+        gen_start = prompt_tps = 0.0
+        for n, token in enumerate(generate_step(model, tokens, cache, sample, max_tokens, prefill_step), 1):
+            if n == 1:
                 gen_start = time.perf_counter()
                 prompt_tps = len(tokens) / (gen_start - start)
-            n += 1
-            finish = None
-            if stop_on_eos and token in tokenizer.eos_token_ids:
-                finish, piece = "stop", detok.finalize()
-            else:
-                generated.append(token)
-                piece = detok.add_token(token)
-                if n >= max_tokens:
-                    finish = "length"
-                    piece += detok.finalize()
-            emit, pending, stopped = _stop_split(pending + piece, stop)
-            if stopped:
-                finish = "stop"
-            elif finish is not None:
-                emit, pending = emit + pending, ""
+            emit, finish = text.add(token, last=n >= max_tokens)
             elapsed = time.perf_counter() - gen_start
             yield GenerationResponse(
-                text=emit,
-                token=token,
-                prompt_tokens=len(tokens),
-                prompt_tps=prompt_tps,
-                generation_tokens=n,
-                generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-                finish_reason=finish,
-                tokens=generated,
+                text=emit, token=token, prompt_tokens=len(tokens), prompt_tps=prompt_tps,
+                generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                peak_memory_gb=mx.get_peak_memory() / 1e9, finish_reason=finish, tokens=text.tokens,
             )
             if finish is not None:
                 return
-            y = next_y
 
 
 def generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:

@@ -17,23 +17,22 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .experts.budget import AUTO, auto_budget, gb, parse_size, plan, weight_bytes
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, is_expert_tensor
 from .config import ModelConfig
 from .device import compute_dtype
-from .errors import MixtralError
-from .experts.expert_cache import DEFAULT_POLICY, READERS, ExpertCache
-from .experts.expert_store import ExpertStore
-from .checkpoint import is_expert_tensor
-from .kv_format import FLOAT, KVFormat
-from .model import Mixtral
-from .row_split import CPU_PARTS
-from .progress import progress_bar
 from .distributed.group import world
 from .distributed.sharding import Split, all_sum_over, read_tensor, unpacked_width
+from .errors import MixtralError
+from .experts.budget import AUTO, auto_budget, gb, parse_size, plan, weight_bytes
+from .experts.expert_cache import DEFAULT_POLICY, READERS, ExpertCache
+from .experts.expert_store import ExpertStore
 from .experts.streamed_moe import stream_experts
-from .tokenizer import Tokenizer
 from .experts.uncached_io import drop_file_from_page_cache, staging_bytes
+from .kv_format import FLOAT, KVFormat
+from .model import Mixtral
+from .progress import progress_bar
+from .row_split import CPU_PARTS
+from .tokenizer import Tokenizer
 
 # What a model needs from a hub repo; never the original `consolidated.*.pt` or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json",
@@ -52,7 +51,7 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise MixtralError(f"{text}: no such folder (and not a hub repo id like 'owner/name')")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for a hub id: its import alone takes ~0.3 s
 
         return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # the hub raises many types: offline, 404, gated, auth

@@ -4,6 +4,7 @@ arithmetic against a hand count for Mixtral 8x7B, its memory refusal, and the wi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,19 +12,18 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from benchmarks import roofline, synthetic
 from mlx_mixtral import device
 from mlx_mixtral.errors import MixtralError
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-
-import roofline  # noqa: E402
-import synthetic  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH_DIR / "bench.py"), *args], capture_output=True,
-                          text=True, timeout=600, cwd=tmp_path)
+    """`python -m benchmarks.bench` as a user runs it from the repository (working in tmp_path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench", *args], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path, env=env)
 
 
 def test_bench_runs_on_tiny_synthetic_with_peer_and_dense_baseline(tmp_path):
@@ -204,7 +204,7 @@ def test_bench_fills_a_deep_context_with_random_keys_and_values(tmp_path):
     refused = _bench("--synthetic", "tiny", "--trials", "1", "--pp", "8", "--tg", "4", "--depth", "40",
                      "--fill", "random", "--compare", "mlx-lm", tmp_path=tmp_path)
     assert refused.returncode == 2 and "--fill random is not available for mlx-lm" in refused.stderr
-    import bench
+    from benchmarks import bench
 
     engine = bench.build_synthetic(synthetic.shape_config("tiny", 4), "ours", 16)
     cache = engine.new_cache()

@@ -16,9 +16,9 @@ from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mlx_mixtral.tokenizer.mistral_format import MistralFormat
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.tokenizer import Tokenizer
+from mlx_mixtral.tokenizer.mistral_format import MistralFormat
 
 
 @pytest.fixture(scope="module")

@@ -164,12 +164,13 @@ def test_a_closed_pipe_ends_quietly(model_path, tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_unless_debugging(model_path, monkeypatch, capsys):
+    from mlx_mixtral import cli
     from mlx_mixtral.cli import main
 
     def broken(*args, **kwargs):
         raise ValueError("something inside broke")
 
-    monkeypatch.setattr(mlx_mixtral, "stream_generate", broken)
+    monkeypatch.setattr(cli, "stream_generate", broken)
     assert main(_raw(model_path)) == 1
     assert capsys.readouterr().err == ("error: unexpected ValueError: something inside broke "
                                        "(set MLX_MIXTRAL_DEBUG=1 for details)\n")

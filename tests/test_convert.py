@@ -13,7 +13,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import PROBE_TOKENS, bf16_logit_atol
 
 import mlx_mixtral
 from convert import writer
@@ -22,6 +21,8 @@ from convert.convert import convert
 from mlx_mixtral.checkpoint import INDEX_FILE, read_header
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.loading import load_model
+
+from checkpoints import PROBE_TOKENS, bf16_logit_atol
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = [PROBE_TOKENS, PROBE_TOKENS[:1] + PROBE_TOKENS[:0:-1]]

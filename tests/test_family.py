@@ -14,9 +14,10 @@ from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-import tokenizer_folders as folders
 from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.tokenizer import Tokenizer, mistral_call_id, parse_tool_calls, split_tool_calls
+
+import tokenizer_folders as folders
 
 TEXTS = ["Hello", "How are you?", "  two leading spaces", "trailing   ", "Hello  there\n\nnew  paragraph",
          "def f(x):\n    return x ** 2\n", "你好，世界", "emoji 🙂👍🏽", " ", "a\tb", "[INST] typed [/INST]",
@@ -373,8 +374,8 @@ def test_format_fingerprints_tell_templates_apart(tmp_path: Path) -> None:
 
 def test_auto_budget_knows_the_8x22b_shape(monkeypatch) -> None:
     """`--max-memory auto` leaves room for 8x22B's KV cache: 56 layers x 8 KV heads x 128 at 64k."""
-    from mlx_mixtral.experts import budget
     from mlx_mixtral.config import ModelConfig
+    from mlx_mixtral.experts import budget
 
     config = ModelConfig(vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
                          num_attention_heads=48, num_key_value_heads=8, head_dim=128, num_local_experts=8,

@@ -7,8 +7,8 @@ Each model folder is the tiny gqa checkpoint with another member's real tokenize
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 import mlx_mixtral
-import tokenizer_folders as folders
 from mlx_mixtral.tokenizer import BASE_MODEL_NOTE, Tokenizer
+
+import tokenizer_folders as folders
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -140,7 +141,7 @@ def test_a_prompt_cache_from_another_template_is_refused(member, tmp_path):
 
 
 def test_serve_reports_its_format(member):
-    from test_server import NAME, Server
+    from served import NAME, Server
 
     folder = member(folders.instruct_v3, "v3")
     server = Server(folder)

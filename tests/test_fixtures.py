@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (
+from checkpoints import (
     MIN_LOGIT_MARGIN,
     MIN_ROUTER_MARGIN,
     MLX_LM_COMPATIBLE,
@@ -73,7 +73,7 @@ def test_checkpoint_matches_config_and_has_margins(hf_checkpoint_factory, name):
     assert json.loads((path / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
 
     info = _st_info(path)
-    E, H, I = want["num_local_experts"], want["hidden_size"], want["intermediate_size"]
+    E, H, I = want["num_local_experts"], want["hidden_size"], want["intermediate_size"]  # noqa: E741 (the paper's names)
     for layer in range(want["num_hidden_layers"]):
         p = f"model.layers.{layer}.block_sparse_moe"
         assert info[f"{p}.gate.weight"][1] == [E, H]
@@ -183,7 +183,7 @@ def test_ensure_classic_layout_rewrites_fused(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    E, I, H = 3, 4, 2
+    E, I, H = 3, 4, 2  # noqa: E741 (experts, intermediate, hidden)
     gate_up = torch.arange(E * 2 * I * H, dtype=torch.float32).reshape(E, 2 * I, H)
     down = -torch.arange(E * H * I, dtype=torch.float32).reshape(E, H, I)
     save_file({"model.layers.0.mlp.experts.gate_up_proj": gate_up,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import PROBE_TOKENS
 
 import mlx_mixtral
 from mlx_mixtral import MixtralError, SamplingParams
-from mlx_mixtral.generate import _stop_split
 from mlx_mixtral.chat import conversation
 from mlx_mixtral.chat.conversation import ChatSession, Settings
+from mlx_mixtral.generate import _stop_split
 from mlx_mixtral.sampling import REPETITION_WINDOW, apply_repetition_penalty, make_sampler
+
+from checkpoints import PROBE_TOKENS
 
 
 @pytest.fixture(scope="module")

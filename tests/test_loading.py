@@ -13,12 +13,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import PROBE_TOKENS
 from mlx.utils import tree_flatten
 
 import mlx_mixtral
 from mlx_mixtral import MixtralError
 from mlx_mixtral.config import ModelConfig
+
+from checkpoints import PROBE_TOKENS
 
 
 @pytest.fixture

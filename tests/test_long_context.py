@@ -201,7 +201,8 @@ def test_refusals(loaded, windowed, hf_checkpoint_factory, tmp_path):
     model, tokenizer = loaded
     path = prompt_cache.save(tmp_path / "c.kv", filled(model, kv_format(None)), tokenizer)
     other, _ = windowed  # the same weights, another config.json: another fingerprint
-    with pytest.raises(MixtralError, match=r"^.*c\.kv was saved for another model \(or another conversion of it\); make it again with this one$"):
+    another = r"^.*c\.kv was saved for another model \(or another conversion of it\); make it again with this one$"
+    with pytest.raises(MixtralError, match=another):
         prompt_cache.load(path, other, tokenizer)
     renamed = mlx_mixtral.tokenizer.Tokenizer(tokenizer.model_file)
     renamed.fingerprint = "0" * 32

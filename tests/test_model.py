@@ -5,10 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import PROBE_NEW_TOKENS, PROBE_TOKENS, TINY_CONFIGS, bf16_logit_atol
 
 import mlx_mixtral
 from mlx_mixtral.sampling import SamplingParams
+
+from checkpoints import PROBE_NEW_TOKENS, PROBE_TOKENS, TINY_CONFIGS, bf16_logit_atol
 
 
 def _logits(model, tokens, cache=None) -> np.ndarray:

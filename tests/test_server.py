@@ -8,7 +8,6 @@ cancellation and the prompt cache through /health's counters.
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import shutil
@@ -17,9 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
@@ -29,10 +26,11 @@ from openai import OpenAI
 
 import mlx_mixtral
 from mlx_mixtral.prompt_cache import PromptCache
-from mlx_mixtral.serve.prompt_pool import PromptPool
 from mlx_mixtral.sampling import SamplingParams
+from mlx_mixtral.serve.prompt_pool import PromptPool
 
-NAME = "tiny-mixtral"
+from served import NAME, Server
+
 CONTEXT = 8192  # the fixture's 512 positions, raised so a long generation takes seconds
 
 
@@ -54,84 +52,6 @@ def local(folder):
 @pytest.fixture(scope="module")
 def reference(tokenizer_model_path) -> MistralTokenizer:
     return MistralTokenizer.from_file(str(tokenizer_model_path))
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self):
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode(errors="replace")
-
-
-class Server:
-    """`mlx-mixtral serve` in a subprocess; `url` once it listens."""
-
-    def __init__(self, folder: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model", str(folder), "--model-name", NAME,
-             "--port", "0", "--temp", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-            if m:
-                self.url = m.group(1)
-                threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
-                return
-        self.proc.kill()
-        raise RuntimeError("the server did not start:\n" + "".join(self.log))
-
-    def client(self) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def connect(self, timeout: float = 60) -> http.client.HTTPConnection:
-        url = urlsplit(self.url)
-        return http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-
-    def send(self, method: str, path: str, body=None, timeout: float = 60) -> Reply:
-        """One request on its own connection (plain stdlib HTTP, as a script would do it)."""
-        content = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        conn = self.connect(timeout)
-        try:
-            conn.request(method, path, body=content, headers={"Content-Type": "application/json"})
-            r = conn.getresponse()
-            return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
-        finally:
-            conn.close()
-
-    def post(self, path: str, body) -> Reply:
-        return self.send("POST", path, body)
-
-    def health(self) -> dict:
-        return self.send("GET", "/health", timeout=10).json()
-
-    def wait_for(self, predicate, timeout: float = 20) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = self.health()
-            if predicate(h):
-                return h
-            time.sleep(0.02)
-        raise AssertionError(f"/health never matched: {self.health()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -520,3 +440,43 @@ def test_the_default_model_name_is_the_folders_name_or_the_repo_id(folder):
 
     assert _default_name(str(folder)) == "model"
     assert _default_name("mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit") == "mlx-community/Mixtral-8x7B-Instruct-v0.1-4bit"
+
+
+def test_an_internal_error_shows_the_client_an_id_and_the_log_the_traceback(capsys):
+    """A bug's text (paths, internals) never reaches the client: a generic message and a request
+    id do; the server's log has the traceback under that id."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mlx_mixtral.serve.openai_api import Defaults
+    from mlx_mixtral.serve.server import create_app
+
+    class Broken:
+        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64, vocab_size=10))
+        tokenizer = SimpleNamespace(chat_format=SimpleNamespace(name="none (base model)"))
+
+        @property
+        def pool(self):
+            raise RuntimeError("cannot open /home/someone/secret.kv")
+
+    app = create_app(Broken(), "m", Defaults(16, SamplingParams(), None))
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/health", "raw_path": b"/health", "query_string": b"",
+             "headers": [], "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 1),
+             "client": ("127.0.0.1", 2), "root_path": "", "app": app}
+    with pytest.raises(RuntimeError):  # Starlette re-raises after answering, for the server's log
+        asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    message = body["error"]["message"]
+    assert status == 500 and "secret" not in message and "RuntimeError" not in message
+    request_id = re.search(r"request id (req_[0-9a-f]+)", message).group(1)
+    log = capsys.readouterr().err
+    assert f"error {request_id}: unexpected RuntimeError" in log and "/home/someone/secret.kv" in log

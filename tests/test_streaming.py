@@ -9,7 +9,6 @@ chunk reads each expert once, and bad budgets fail in one line.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -22,13 +21,13 @@ import pytest
 
 import mlx_mixtral
 from mlx_mixtral import arguments
-from mlx_mixtral.experts import budget
 from mlx_mixtral.chat.conversation import ChatSession, Settings
 from mlx_mixtral.errors import MixtralError
-from mlx_mixtral.experts.expert_view import heatmap, streaming_line
+from mlx_mixtral.experts import budget
+from mlx_mixtral.experts.expert_view import heatmap
 from mlx_mixtral.experts.routing import log_of
-from mlx_mixtral.sampling import SamplingParams
 from mlx_mixtral.experts.uncached_io import drop_file_from_page_cache, page_cache_bytes
+from mlx_mixtral.sampling import SamplingParams
 
 GREEDY = SamplingParams(temp=0.0)
 
@@ -396,3 +395,30 @@ def test_a_miss_never_evicts_an_expert_the_same_request_uses(policy):
     assert (stats.prefetched, stats.misses, stats.evictions) == (1, 3, 1)
     assert cache.peak_used <= 300 and set(cache._entries) == {(0, 1), (1, 2), (1, 3)}
     cache.close()
+
+
+def _cache_limit() -> int:
+    """MLX's buffer-cache limit now (set_cache_limit returns the previous one)."""
+    current = mx.set_cache_limit(1 << 40)
+    mx.set_cache_limit(current)
+    return current
+
+
+def test_closing_a_streamed_model_puts_the_process_settings_back(hf_checkpoint_factory, monkeypatch):
+    """Streaming caps MLX's buffer cache and fixes glibc's mmap threshold for the process; a
+    closed model gives both back (and closing twice is harmless)."""
+    from mlx_mixtral.experts import expert_cache
+
+    calls = []
+    monkeypatch.setattr(expert_cache, "_glibc_mallopt", lambda: lambda option, value: calls.append((option, value)) or 1)
+    before = 1 << 40  # a known limit (other tests' streamed models lowered it and were never closed)
+    outer = mx.set_cache_limit(before)
+    try:
+        model, _ = mlx_mixtral.load(hf_checkpoint_factory("gqa"), progress=False, max_memory="1000GB")
+        assert _cache_limit() < before and calls == [(expert_cache.M_MMAP_THRESHOLD, expert_cache.MMAP_THRESHOLD)]
+        model.runtime.close()
+        model.runtime.close()
+        assert _cache_limit() == before
+        assert calls[1:] == [(expert_cache.M_MMAP_THRESHOLD, expert_cache.GLIBC_MMAP_THRESHOLD)]
+    finally:
+        mx.set_cache_limit(outer)

@@ -18,12 +18,13 @@ from pathlib import Path
 import mistral_common
 import pytest
 import sentencepiece as spm
-from conftest import PROBE_TOKENS, TOKENIZER_CONFIG
 
 import mlx_mixtral
 from mlx_mixtral.errors import MixtralError
-from mlx_mixtral.tokenizer.sentencepiece_json import build_model_proto
 from mlx_mixtral.tokenizer import Tokenizer
+from mlx_mixtral.tokenizer.sentencepiece_json import build_model_proto
+
+from checkpoints import PROBE_TOKENS, TOKENIZER_CONFIG
 
 REAL_MODEL = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 

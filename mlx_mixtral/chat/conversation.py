@@ -20,10 +20,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .. import prompt_cache
 from ..errors import MixtralError
 from ..generate import GenerationResponse, stream_generate
 from ..kv_format import FLOAT, KVFormat
-from .. import prompt_cache
 from ..prompt_cache import PromptCache
 from ..sampling import SamplingParams, check_max_tokens, check_seed
 from ..tokenizer import Tokenizer

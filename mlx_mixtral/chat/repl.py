@@ -21,15 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 from rich.console import Console
 from rich.table import Table
 
 from ..arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
-from .conversation import SETTING_KEYS, ChatSession, Settings, Turn
+from ..distributed.group import agreed_seed
 from ..errors import MixtralError
 from ..experts.expert_view import heatmap, streaming_line
 from ..experts.routing import log_of
 from ..tokenizer import BASE_MODEL_NOTE
+from .conversation import SETTING_KEYS, ChatSession, Settings, Turn
 
 HISTORY_ENV = "MLX_MIXTRAL_HISTORY"  # a path, or empty to keep no history
 HISTORY_LENGTH = 1000  # lines kept in the history file
@@ -53,7 +55,7 @@ def history_path() -> Path | None:
 def _readline():
     """The readline module where the platform has one (line editing and history), else None."""
     try:
-        import readline
+        import readline  # not on every platform (it is optional in Python builds)
     except ImportError:
         return None
     return readline
@@ -451,12 +453,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_from_args(
         args, lambda line: console.print(line, style="dim", markup=False, highlight=False),
         context=lambda _: args.max_context)
-    from ..distributed.group import agreed_seed
-
     session_seed = agreed_seed(model, settings.seed)
     if session_seed is not None and settings.seed is None:  # split over processes: one RNG state for all
-        import mlx.core as mx
-
         mx.random.seed(session_seed)
     session = ChatSession(model, tokenizer, settings, args.max_context, args.system,
                           kv_from_args(args, model.config.head_dim))

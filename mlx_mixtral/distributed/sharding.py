@@ -20,17 +20,16 @@ split on quantization-group boundaries, or the split is refused in one line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import Checkpoint, TensorBytes
+from ..checkpoint import HF_EXPERT_NAMES, SAFETENSORS_DTYPES, Checkpoint, TensorBytes, memory_dtype, tensor_from_bytes
 from ..config import ModelConfig
 from ..errors import MixtralError
-from ..checkpoint import HF_EXPERT_NAMES, SAFETENSORS_DTYPES, memory_dtype, tensor_from_bytes
 
 
 @dataclass(frozen=True)

@@ -56,13 +56,9 @@ def _give_freed_memory_back(expert_bytes: int) -> Callable[[], None]:
     settings: the returned function puts them back (MLX's cache limit as it was; glibc's mmap
     threshold to its initial 128 KiB, since glibc cannot be asked for the current value)."""
     previous = mx.set_cache_limit(min(mx.get_memory_limit(), FREED_EXPERTS_KEPT * expert_bytes))
-    mallopt = None
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        try:
-            mallopt = ctypes.CDLL(None).mallopt
-            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        except (OSError, AttributeError):
-            mallopt = None
+    mallopt = _glibc_mallopt()
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
     def restore() -> None:
         mx.set_cache_limit(previous)
@@ -73,6 +69,16 @@ def _give_freed_memory_back(expert_bytes: int) -> Callable[[], None]:
 
 
 M_MMAP_THRESHOLD = -3  # in <malloc.h>
+
+
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's `mallopt`, or None on other C libraries (macOS's returns freed memory by itself)."""
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        return None
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass

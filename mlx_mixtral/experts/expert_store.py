@@ -22,8 +22,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import (HF_EXPERT_NAMES, PROJECTIONS, SAFETENSORS_DTYPES, TENSOR_PARTS, Checkpoint, TensorBytes,
-                          memory_dtype, tensor_from_bytes)
+from ..checkpoint import (
+    HF_EXPERT_NAMES,
+    PROJECTIONS,
+    SAFETENSORS_DTYPES,
+    TENSOR_PARTS,
+    Checkpoint,
+    TensorBytes,
+    memory_dtype,
+    tensor_from_bytes,
+)
 from ..config import ModelConfig
 from ..errors import MixtralError
 from .uncached_io import UncachedFile

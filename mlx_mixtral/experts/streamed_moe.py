@@ -27,11 +27,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..device import part_stream
-from .expert_cache import ExpertCache
 from ..checkpoint import PROJECTIONS
+from ..device import part_stream
 from ..model import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
-
+from .expert_cache import ExpertCache
 
 Quantization = tuple[int, int, str] | None  # (group_size, bits, mode) of a projection, or float
 

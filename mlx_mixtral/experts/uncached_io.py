@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import mmap
 import os
 import sys
@@ -79,7 +80,6 @@ class UncachedFile:
         if self._fd < 0:
             self._fd = os.open(self.path, os.O_RDONLY)
             if sys.platform == "darwin":
-                import fcntl
 
                 try:
                     fcntl.fcntl(self._fd, getattr(fcntl, "F_NOCACHE", _F_NOCACHE), 1)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import queue
+import secrets
 import statistics
+import sys
 import threading
 import time
 import traceback
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MixtralError
+from ..generate import stream_generate
 from ..sampling import SamplingParams
 
 
@@ -42,6 +45,16 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+
+
+def incident(error: BaseException) -> str:
+    """Log an unexpected error's traceback under a fresh request id; return what the client is
+    told: that id, never the error's text (which may carry paths and internals)."""
+    request_id = f"req_{secrets.token_hex(6)}"
+    lines = traceback.format_exception(type(error), error, error.__traceback__)
+    print(f"error {request_id}: unexpected {type(error).__name__}\n{''.join(lines).rstrip()}",
+          file=sys.stderr, flush=True)
+    return f"internal error (request id {request_id}); the server's log has the details"
 
 
 @dataclass
@@ -168,8 +181,6 @@ class Scheduler:
                 return
 
     def _serve(self, job: Job) -> None:
-        from ..generate import stream_generate
-
         entry = self.pool.take(job.prompt)
         fed = entry.prepare(job.prompt)
         cached = len(entry.ids)
@@ -187,9 +198,8 @@ class Scheduler:
             job.send(Failed(str(e)))
             return  # the cache may hold half a chunk: it is not put back
         except Exception as e:  # a bug: this request fails, the server goes on
-            traceback.print_exc()
             self.counts["failed"] += 1
-            job.send(Failed(f"internal error: {type(e).__name__}: {e}"))
+            job.send(Failed(incident(e)))
             return
         entry.record(fed, last.tokens if last is not None else [])
         self.pool.put(entry)

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
+from ..distributed.group import single_process
 from ..errors import MixtralError
 from ..tokenizer import BASE_MODEL_NOTE
+from ..units import gb, parse_size
 from .openai_api import APIError, Defaults, Reply, bad, parse, sse
-from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler
+from .prompt_pool import PromptPool
+from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler, incident
 
 MAX_BODY_BYTES = 8 * 2**20  # a 32k-token conversation is a few hundred KB of JSON
 DEFAULT_PROMPT_CACHE = "2GB"
@@ -132,7 +135,10 @@ def _finish(reply: Reply, done: Done) -> None:
 
 
 def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: str | None = None) -> Starlette:
-    """The ASGI app around a started `scheduler` (its model and tokenizer are loaded)."""
+    """The ASGI app around a started `scheduler` (its model and tokenizer are loaded).
+
+    Long on purpose: the route handlers are closures over one scheduler, key and model name, each
+    a few lines; the request and response shapes live in `openai_api`."""
     model, tokenizer = scheduler.model, scheduler.tokenizer
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     started = int(time.time())
@@ -209,7 +215,7 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
         return _error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind))
 
     async def server_error(request: HTTPRequest, e: Exception) -> Response:
-        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+        return _error_response(APIError(500, incident(e), "server_error"))
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -284,11 +290,7 @@ def _loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     if Starlette is None:
         raise MixtralError("serve needs its HTTP stack: pip install 'mlx-mixtral[serve]' (starlette, uvicorn)")
-    import uvicorn
-
-    from ..experts.budget import gb, parse_size
-    from .prompt_pool import PromptPool
-    from ..distributed.group import single_process
+    import uvicorn  # the serve extra: present once Starlette is
 
     single_process("serve")
 

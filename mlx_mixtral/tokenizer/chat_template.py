@@ -116,7 +116,8 @@ def _marked(value: Any, pattern: re.Pattern | None) -> Any:
 
 
 def _compile(source: str, origin: str):
-    """The template compiled in transformers' sandboxed environment (see the module docstring)."""
+    """The template compiled in transformers' sandboxed environment (see the module docstring).
+    jinja2 is imported here, on first use: only models with a template need it."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment

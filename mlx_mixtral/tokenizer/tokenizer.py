@@ -28,6 +28,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from ..errors import MixtralError
+from .chat_formats import choose_format
 from .detokenizer import StreamingDetokenizer
 from .sentencepiece_json import model_proto_from_tokenizer_json
 from .tokenizer_files import SPACE, AddedToken, TokenizerFiles
@@ -76,8 +77,6 @@ class Tokenizer:
         for token in sorted(self.added.values(), key=lambda t: t.id):
             digest.update(f"\0{token.id}\0{token.content}\0{token.special:d}".encode())
         self.fingerprint = digest.hexdigest()[:32]
-        from .chat_formats import choose_format  # the formats need a built tokenizer to encode with
-
         self.chat_format = choose_format(self)
         # Text between added tokens is split as the model was trained: transformers' way for a
         # template model (a fine-tune trained through transformers), sentencepiece's for Mistral's.

@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and quality side by side with peers (run as `python -m benchmarks.NAME`)."""
