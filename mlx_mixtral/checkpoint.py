@@ -26,6 +26,7 @@ import numpy as np
 from .config import ModelConfig
 from .device import compute_dtype
 from .errors import MixtralError
+from .files import reason
 
 INDEX_FILE = "model.safetensors.index.json"
 # The expert tensors' names, the one place they are spelled: MLX stacks a layer's experts as
@@ -60,17 +61,43 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise MixtralError(f"{path}: file not found; the checkpoint is incomplete, download it again") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise MixtralError(f"{path}: corrupt safetensors header; download or convert it again") from None
+    except OSError as e:  # permission denied, an unreadable disk, ...
+        raise MixtralError(f"cannot read {path}: {reason(e)}") from None
     if not isinstance(header, dict):
         raise MixtralError(f"{path}: corrupt safetensors header; download or convert it again")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise MixtralError(f"{path}: corrupt safetensors header (tensor {name!r} {problem}); "
+                               "download or convert it again")
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end > size:
         raise MixtralError(
             f"{path}: truncated safetensors file ({size} of {8 + n + end} bytes); download or convert it again"
         )
     return header, 8 + n
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with one tensor's header entry (None: nothing): every reader relies on
+    "dtype", "shape" and "data_offsets" being there and sane."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            return f"has no {key!r}"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(entry["dtype"], str):
+        return "has a dtype that is not a name"
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        return "has a shape that is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                  for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        return "has data_offsets that are not [start, end]"
+    return None
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -81,7 +108,9 @@ def safetensors_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        except OSError as e:
+            raise MixtralError(f"cannot read {index}: {reason(e)}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
             raise MixtralError(f"{index}: not a valid safetensors index (no weight_map of tensor names to "
                                "files); download it again") from None
         files = [folder / name for name in dict.fromkeys(weight_map.values())]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MixtralError
+from .files import reason
 
 # Fields without which the model cannot be built: no guessing.
 _REQUIRED = (
@@ -105,7 +106,9 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise MixtralError(f"{path}: not found; a model folder needs its config.json") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except OSError as e:
+            raise MixtralError(f"cannot read {path}: {reason(e)}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise MixtralError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise MixtralError(f"{path}: expected a JSON object")

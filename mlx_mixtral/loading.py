@@ -46,6 +46,8 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
     if path.exists():
         if not path.is_dir():
             raise MixtralError(f"{path}: is a file; pass the model folder that holds config.json")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise MixtralError(f"cannot read the model folder {path}: permission denied; check the folder's permissions")
         return path
     text = str(path_or_repo)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:

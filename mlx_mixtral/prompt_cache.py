@@ -27,9 +27,10 @@ import numpy as np
 from .cache import make_cache
 from .checkpoint import MAX_HEADER_BYTES, read_header
 from .errors import MixtralError
+from .files import reason, regular_file, sync_folder
 from .kv_format import FLOAT, KVFormat, kv_format
 
-FORMAT, VERSION = "mlx-mixtral-prompt-cache", "2"
+FORMAT, VERSION = "mlx-mixtral-prompt-cache", "3"
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -116,11 +117,17 @@ def _kv_dtype(model) -> str:
     return str(weights.dtype)
 
 
-def _digest(arrays: dict[str, mx.array]) -> str:
+def _digest(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str:
+    """A checksum of everything a reader uses: every metadata field (model, tokenizer and format
+    fingerprints, KV format, offsets, token ids, the cached text) and every array's name, dtype,
+    shape and bytes."""
     h = hashlib.sha256()
+    fields = {k: v for k, v in metadata.items() if k != "digest"}
+    h.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass"))
     for name in sorted(arrays):
-        h.update(name.encode())
-        h.update(np.asarray(mx.view(arrays[name], mx.uint8)).data)
+        a = arrays[name]
+        h.update(f"\0{name}\0{a.dtype}\0{tuple(a.shape)}\0".encode())
+        h.update(np.asarray(mx.view(a, mx.uint8)).data)
     return h.hexdigest()
 
 
@@ -152,39 +159,44 @@ def save(path: str | os.PathLike, prompt_cache: PromptCache, tokenizer, extra: d
         "kv_dtype": _kv_dtype(prompt_cache.model),
         "offset": str(cache[0].offset), "start": str(cache[0].start),
         "ids": json.dumps(prompt_cache.ids), "extra": json.dumps(extra or {}),
-        "digest": _digest(arrays),
     }
+    metadata["digest"] = _digest(arrays, metadata)
     if not path.parent.is_dir():
         raise MixtralError(f"cannot save the KV cache to {path}: no folder {path.parent}")
+    if not os.access(path.parent, os.W_OK):  # MLX's own writer would only say "cannot open"
+        raise MixtralError(f"cannot save the KV cache to {path}: the folder is not writable: choose another place")
     tmp = path.parent / f".{path.name}.{os.getpid()}.partial.safetensors"
     try:
         mx.save_safetensors(str(tmp), arrays, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except (OSError, RuntimeError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise MixtralError(f"cannot save the KV cache to {path}: {reason}") from None
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # nothing of ours could be written there either
+        why = reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise MixtralError(f"cannot save the KV cache to {path}: {why} (nothing was changed there)") from None
     return path
 
 
 def peek(path: str | os.PathLike) -> dict[str, Any]:
-    """The `extra` saved with a prompt cache, read from its header alone (before a model loads)."""
-    path = Path(path).expanduser()
+    """The `extra` saved with a prompt cache, read from its header alone (before a model loads).
+    Unchecked until `load` verifies the checksum: only for choosing how to encode the prompt."""
+    path = regular_file(path, "prompt cache")
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            metadata = json.loads(f.read(min(n, MAX_HEADER_BYTES))).get("__metadata__", {})
+            if n > min(path.stat().st_size - 8, MAX_HEADER_BYTES):
+                raise ValueError("header size")
+            metadata = json.loads(f.read(n)).get("__metadata__", {})
         if metadata.get("format") != FORMAT:
             raise MixtralError(f"{path} is not an mlx-mixtral prompt cache")
         return json.loads(metadata["extra"])
-    except FileNotFoundError:
-        raise MixtralError(f"no prompt cache at {path}: no such file") from None
-    except IsADirectoryError:
-        raise MixtralError(f"{path} is a folder, not a prompt cache") from None
     except OSError as e:
-        raise MixtralError(f"cannot read {path}: {e.strerror or e}") from None
+        raise MixtralError(f"cannot read {path}: {reason(e)}") from None
     except (ValueError, KeyError, AttributeError, TypeError):
         raise MixtralError(f"{path} is not a complete prompt cache (truncated or corrupt); make it again") from None
 
@@ -192,9 +204,7 @@ def peek(path: str | os.PathLike) -> dict[str, Any]:
 def load(path: str | os.PathLike, model, tokenizer, fmt: KVFormat | None = None) -> tuple[PromptCache, dict[str, Any]]:
     """The prompt cache saved at `path`, checked against `model`, `tokenizer` and (if given) the
     KV format asked for; `(cache, extra)`. Any mismatch or damage raises MixtralError (one line)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise MixtralError(f"no prompt cache at {path}" + ("" if path.exists() else ": no such file"))
+    path = regular_file(path, "prompt cache")
     damaged = f"{path} is not a complete prompt cache (truncated or corrupt); make it again"
     try:
         read_header(path)
@@ -206,6 +216,8 @@ def load(path: str | os.PathLike, model, tokenizer, fmt: KVFormat | None = None)
     if metadata.get("version") != VERSION:
         raise MixtralError(f"{path} is a prompt cache of format version {metadata.get('version')}; "
                            f"this mlx-mixtral reads version {VERSION}: make it again")
+    if _digest(arrays, metadata) != metadata.get("digest"):  # nothing below is trusted before this
+        raise MixtralError(f"{path} is corrupt (its checksum does not match); make it again")
     remake = "make it again with this one"
     if metadata.get("model") != _fingerprint(model):
         raise MixtralError(f"{path} was saved for another model (or another conversion of it); {remake}")
@@ -228,8 +240,6 @@ def load(path: str | os.PathLike, model, tokenizer, fmt: KVFormat | None = None)
     if fmt is not None and fmt != saved:
         raise MixtralError(f"{path} holds a {saved.describe()} KV cache, not the {fmt.describe()} one asked "
                            "for: leave out --kv-bits/--kv-group-size to use it as saved, or make it again")
-    if _digest(arrays) != metadata.get("digest"):
-        raise MixtralError(f"{path} is corrupt (its checksum does not match); make it again")
     result = PromptCache(model, saved)
     layers = _layers(arrays, len(result.cache))
     expected = _part_shapes(model, saved, offset - start)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import subprocess
 import sys
@@ -35,11 +36,11 @@ class Reply:
 class Server:
     """`mlx-mixtral serve` in a subprocess; `url` once it listens."""
 
-    def __init__(self, folder: Path, *args: str) -> None:
+    def __init__(self, folder: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model", str(folder), "--model-name", NAME,
              "--port", "0", "--temp", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.log: list[str] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -148,13 +148,59 @@ def test_conversation_from_bad_json_is_one_line_error(text, message):
 
 
 def test_conversation_file_errors(tmp_path):
-    with pytest.raises(MixtralError, match="cannot read .*missing.json: No such file"):
+    with pytest.raises(MixtralError, match="no saved conversation at .*missing.json: no such file"):
         Conversation.load(tmp_path / "missing.json")
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(MixtralError, match="is not a text file"):
         Conversation.load(tmp_path / "binary.json")
-    with pytest.raises(MixtralError, match="cannot save to .*: No such file"):
+    with pytest.raises(MixtralError, match="cannot save the conversation to .*: no such file or directory"):
         Conversation().save(tmp_path / "no" / "dir.json")
+
+
+def test_a_save_that_fails_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    """A full disk mid-write: the previous save stays whole, nothing else is left behind."""
+    from mlx_mixtral import files
+
+    path = tmp_path / "chat.json"
+    old = Conversation("Be kind.", [Exchange("hi", "hello")])
+    old.save(path)
+    before = path.read_bytes()
+    real_write = files.os.write
+
+    def full_disk(fd, data):
+        real_write(fd, bytes(data[:10]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "write", full_disk)
+    with pytest.raises(MixtralError) as caught:
+        Conversation("Other", [Exchange("a" * 5000, "b")]).save(path)
+    message = str(caught.value)
+    assert message == (f"cannot save the conversation to {path}: no space left on device; the disk is full: free "
+                       "some space (nothing was changed there)")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["chat.json"]
+    assert Conversation.load(path) == old
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "unreadable"])
+def test_only_regular_readable_files_are_opened(tmp_path, kind):
+    """A FIFO would block `open` forever: refused in one line before anything waits on it."""
+    import os
+
+    path = tmp_path / "thing.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        Conversation().save(path)
+        path.chmod(0)
+        if os.access(path, os.R_OK):  # root reads anything: nothing to test here
+            pytest.skip("running as root: permissions do not stop reads")
+    with pytest.raises(MixtralError) as caught:
+        Conversation.load(path)
+    expected = {"fifo": "is not a regular file (a pipe, socket or device)", "folder": "is a folder",
+                "unreadable": "permission denied; check the file's permissions"}[kind]
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 
 # -- the cache follows the conversation ---------------------------------------------------------

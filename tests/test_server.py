@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import openai
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -387,9 +389,88 @@ def test_an_api_key_is_required_when_set(folder):
     try:
         r = server.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
         assert r.status == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for wrong in ("Bearer sesam", "Bearer sesame2", "sesame", "Bearer  sesame", "Basic sesame", "Bearer \u00e9"):
+            conn = server.connect()
+            conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "hi", "max_tokens": 2}),
+                         headers={"Content-Type": "application/json", "Authorization": wrong.encode().decode("latin-1")})
+            assert conn.getresponse().status == 401, wrong
+            conn.close()
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=f"{server.url}/v1", api_key="open-sesame", max_retries=0).completions.create(
+                model=NAME, prompt="hi", max_tokens=2)
         ok = OpenAI(base_url=f"{server.url}/v1", api_key="sesame", max_retries=0).completions.create(
             model=NAME, prompt="hi", max_tokens=2)
         assert ok.usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_api_key_is_refused_at_start(folder, key):
+    r = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model", str(folder), "--port", "0",
+                        "--api-key", key], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --api-key is empty: no client could ever authenticate; give a key, or leave the flag out"]
+
+
+def test_sigterm_stops_the_server_like_ctrl_c(folder):
+    server = Server(folder)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    time.sleep(0.2)
+    assert "server stopped" in "".join(server.log)
+
+
+def test_hostile_bodies_are_400s_and_the_server_stays_up(server):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = server.post("/v1/chat/completions", deep)
+    assert r.status == 400 and "nested too deeply" in r.json()["error"]["message"]
+    for body in ({"model": NAME, "messages": [{"role": "user", "content": "a\ud800b"}]},
+                 {"model": NAME, "prompt": "x\udfffy"}):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        raw = json.dumps(body).encode()  # json escapes the lone surrogate as \ud800: valid JSON, invalid text
+        r = server.post(path, raw)
+        assert r.status == 400 and "surrogate" in r.json()["error"]["message"], r.text
+    for text in ("nul\u0000 and \u0007 bell", "\u202e right-to-left \ufeff"):
+        r = server.post("/v1/completions", {"model": NAME, "prompt": text, "max_tokens": 2})
+        assert r.status == 200, r.text
+    assert server.health()["status"] == "ok"
+    log = "".join(server.log)
+    assert "Traceback" not in log and "error req_" not in log
+
+
+def test_a_big_prompt_is_tokenized_off_the_event_loop(folder):
+    """While a multi-megabyte prompt is tokenized, /health answers within 100 ms."""
+    server = Server(folder)
+    try:
+        big = json.dumps({"model": NAME, "prompt": "all work and no play makes jack a dull boy " * 150_000,
+                          "max_tokens": 1}).encode()
+        done = threading.Event()
+        threading.Thread(target=lambda: (server.post("/v1/completions", big), done.set()), daemon=True).start()
+        slowest = 0.0
+        time.sleep(0.3)  # the body is in; tokenizing it takes seconds
+        while not done.is_set():
+            start = time.perf_counter()
+            assert server.health()["status"] == "ok"
+            slowest = max(slowest, time.perf_counter() - start)
+            time.sleep(0.05)
+        assert slowest < 0.1, f"/health took {slowest:.3f} s while a big prompt was tokenized"
+    finally:
+        server.stop()
+
+
+def test_a_body_that_trickles_in_is_cut_off(folder):
+    server = Server(folder, env={"MLX_MIXTRAL_BODY_TIMEOUT": "1"})
+    try:
+        conn = server.connect(timeout=20)
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "100")
+        conn.endheaders()
+        conn.send(b'{"prompt": ')
+        r = conn.getresponse()
+        assert r.status == 408 and b"did not arrive within 1 s" in r.read()
+        assert server.health()["status"] == "ok"
     finally:
         server.stop()
 

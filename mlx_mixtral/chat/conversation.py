@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from .. import prompt_cache
 from ..errors import MixtralError
+from ..files import atomic_write, reason, regular_file
 from ..generate import GenerationResponse, stream_generate
 from ..kv_format import FLOAT, KVFormat
 from ..prompt_cache import PromptCache
@@ -102,24 +103,20 @@ class Conversation:
         return conversation
 
     def save(self, path: str | os.PathLike, chat_format: str | None = None) -> Path:
-        """Write the JSON to `path` (user-fixable failures raise MixtralError); returns the path."""
-        path = Path(path).expanduser()
-        try:
-            path.write_text(self.to_json(chat_format), encoding="utf-8")
-        except OSError as e:
-            raise MixtralError(f"cannot save to {path}: {e.strerror or e}") from None
-        return path
+        """Write the JSON to `path`, whole or not at all (a failed save keeps the previous file and
+        raises MixtralError saying why); returns the path."""
+        return atomic_write(path, self.to_json(chat_format), "conversation")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Conversation:
-        """Read a conversation saved by `save`."""
-        path = Path(path).expanduser()
+        """Read a conversation saved by `save` (a regular file: a FIFO or device is refused)."""
+        path = regular_file(path, "saved conversation")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise MixtralError(f"{path} is not a text file") from None
         except OSError as e:
-            raise MixtralError(f"cannot read {path}: {e.strerror or e}") from None
+            raise MixtralError(f"cannot read {path}: {reason(e)}") from None
         return cls.from_json(text, source=str(path))
 
 

@@ -217,7 +217,10 @@ def _completion_prompt(body: dict, tokenizer, vocab: int) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        try:
+            return tokenizer.encode(prompt)
+        except MixtralError as e:
+            raise bad(f"prompt: {e}", "prompt") from None
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < vocab for t in prompt):
             raise bad(f"prompt has token ids outside the vocabulary (0 to {vocab - 1})", "prompt")

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import ipaddress
 import json
+import os
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,9 @@ from .prompt_pool import PromptPool
 from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler, incident
 
 MAX_BODY_BYTES = 8 * 2**20  # a 32k-token conversation is a few hundred KB of JSON
+# Seconds for a whole request body to arrive (uvicorn itself closes idle keep-alive connections
+# after 5 s); MLX_MIXTRAL_BODY_TIMEOUT changes it.
+BODY_TIMEOUT = float(os.environ.get("MLX_MIXTRAL_BODY_TIMEOUT", "30"))
 DEFAULT_PROMPT_CACHE = "2GB"
 DEFAULT_QUEUE = 8
 
@@ -50,21 +57,32 @@ def _error_response(e: APIError) -> JSONResponse:
 
 
 async def _read_json(request: HTTPRequest) -> Any:
-    """The body as JSON, refusing bodies over MAX_BODY_BYTES before reading them all."""
+    """The body as JSON, refusing bodies over MAX_BODY_BYTES before reading them all, and bodies
+    that trickle in slower than BODY_TIMEOUT allows (a client must not hold a slot forever)."""
     too_big = APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES // 2**20} MB", param=None,
                        code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_big
+
+    async def read() -> bytearray:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_big
+        return body
+
+    try:
+        body = await asyncio.wait_for(read(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT:.0f} s", code="request_timeout") from None
     try:
         return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise bad("the request body is not UTF-8") from None
+    except RecursionError:
+        raise bad("the request body is JSON nested too deeply") from None
     except ValueError as e:
         raise bad(f"the request body is not valid JSON: {e}") from None
 
@@ -143,14 +161,20 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     started = int(time.time())
 
+    expected = f"Bearer {api_key}".encode() if api_key is not None else b""
+
     def check_key(request: HTTPRequest) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if api_key is not None and not hmac.compare_digest(given, expected):  # constant time
             raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
     async def completions(request: HTTPRequest, chat: bool) -> Response | EventStream:
         check_key(request)
-        req = parse(await _read_json(request), chat, tokenizer, served, context, vocab, defaults)
+        body = await _read_json(request)
+        # Tokenizing a multi-megabyte prompt takes seconds: off the event loop, so /health and
+        # the other clients are answered meanwhile.
+        req = await asyncio.to_thread(parse, body, chat, tokenizer, served, context, vocab, defaults)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(req.prompt, req.max_tokens, req.sampling, req.seed, req.stop,
@@ -290,6 +314,8 @@ def _loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     if Starlette is None:
         raise MixtralError("serve needs its HTTP stack: pip install 'mlx-mixtral[serve]' (starlette, uvicorn)")
+    if args.api_key is not None and not args.api_key.strip():
+        raise MixtralError("--api-key is empty: no client could ever authenticate; give a key, or leave the flag out")
     import uvicorn  # the serve extra: present once Starlette is
 
     single_process("serve")
@@ -306,6 +332,11 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_from_args(args, note)
         return model, tokenizer, PromptPool(model, kv_from_args(args, model.config.head_dim), cache_size)
 
+    # SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does, from the moment the
+    # socket listens: noted here, acted on by the server's loop (uvicorn also re-raises the signal it
+    # handled once it has shut down; this handler then takes it instead of death by signal).
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     scheduler = Scheduler(load, max_queue=args.max_queue)
     scheduler.start()
     app = create_app(scheduler, served, Defaults(args.max_tokens, sampling, args.seed), args.api_key)
@@ -323,6 +354,11 @@ def run(args: argparse.Namespace) -> int:
         def handle_exit(self, sig, frame) -> None:  # Ctrl-C: end the replies in flight first
             scheduler.stop()
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:  # a SIGTERM that came before uvicorn listened
+            if terminated.is_set() and not self.should_exit:
+                self.handle_exit(signal.SIGTERM, None)
+            return await super().on_tick(counter)
 
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, access_log=False)
     try:

@@ -129,7 +129,7 @@ class Tokenizer:
         run: list[str] = []
         run_start = 0
         pos = 0
-        pieces = _split_protected(text, protected)
+        pieces = _split_protected(_checked(text), protected)
         for piece, is_content in pieces:
             if is_content or self.special_pattern is None:
                 run.append(piece)

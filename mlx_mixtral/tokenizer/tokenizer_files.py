@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixtralError
+from ..files import reason
 
 SPACE = "\u2581"
 _SPECIAL_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -112,7 +113,9 @@ def _json(path: Path) -> Any:
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
+        raise MixtralError(f"cannot read {path}: {reason(error)}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise MixtralError(f"Cannot read {path}: {error}; fix or remove the file") from None
 
 
