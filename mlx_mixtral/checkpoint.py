@@ -26,7 +26,7 @@ import numpy as np
 from .config import ModelConfig
 from .device import compute_dtype
 from .errors import MixtralError
-from .files import reason
+from .files import atomic_write, reason
 
 INDEX_FILE = "model.safetensors.index.json"
 # The expert tensors' names, the one place they are spelled: MLX stacks a layer's experts as
@@ -38,7 +38,7 @@ TENSOR_PARTS = ("weight", "scales", "biases")
 MAX_HEADER_BYTES = 100 << 20  # a safetensors header (ours or any file's) larger than this is corrupt
 # Buffers some checkpoints carry that are not weights (RoPE frequencies, recomputed from rope_theta).
 BUFFERS = ("rotary_emb.inv_freq",)
-_FINGERPRINT_SAMPLES, _FINGERPRINT_SAMPLE_BYTES = 16, 4096
+HASH_CHUNK = 16 << 20  # bytes read at a time while hashing a weights file
 _MLX_EXPERT_NAMES = {hf: mlx for mlx, hf in HF_EXPERT_NAMES.items()}
 
 
@@ -154,22 +154,15 @@ class Checkpoint:
         return sum(f.stat().st_size for f in self.files)
 
     def fingerprint(self) -> str:
-        """A short digest that tells these exact weights apart from others, read in milliseconds:
-        config.json, and for each weights file its name, size, header and a few samples of its
-        bytes (a re-conversion or other weights of the same shapes differ there). Hashing 26 GB of
-        weights to be certain would take a minute; saved KV caches only need to refuse the wrong model."""
+        """A digest of config.json and of every byte of every weights file: any changed tensor
+        changes it. Hashing reads the whole model once (26 GB of 4-bit 8x7B: about a minute on a
+        Mac's SSD, see RESULTS.md), so each file's digest is remembered by its path, size, inode
+        and modification time (`file_digest`) and a later load costs milliseconds."""
         digest = hashlib.sha256()
         config = self.folder / "config.json"
         digest.update(config.read_bytes() if config.is_file() else b"")
         for f in self.files:
-            size, start = f.stat().st_size, self._data_start[f]
-            digest.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                digest.update(fh.read(start))
-                data = size - start
-                for i in range(_FINGERPRINT_SAMPLES):
-                    fh.seek(start + data * i // _FINGERPRINT_SAMPLES)
-                    digest.update(fh.read(_FINGERPRINT_SAMPLE_BYTES))
+            digest.update(f"{f.name}:{file_digest(f)}".encode())
         return digest.hexdigest()[:32]
 
     def names(self) -> list[str]:
@@ -305,4 +298,56 @@ def tensor_from_bytes(raw: memoryview, stored: str, target: mx.Dtype, shape: tup
             wide <<= 16
             return mx.array(wide.view(np.float32))
         return mx.array(a.astype(np.float32))
-    return mx.array(a.astype(np.float32)).astype(target)  # an explicit `dtype=` override
+    # An explicit `dtype=` override, converted in numpy: this runs on expert-reader threads, and an
+    # MLX operation built there would belong to that thread's stream, which the model's thread
+    # cannot evaluate ("There is no Stream(cpu, N) in current thread").
+    wide = a.view(np.uint16).astype(np.uint32) << 16 if stored == "BF16" else a.astype(np.float32)
+    wide = wide.view(np.float32) if stored == "BF16" else wide
+    if target == mx.float16:
+        return mx.array(wide.astype(np.float16))
+    if target == mx.bfloat16:  # round to nearest even, as MLX's own conversion does
+        bits = wide.view(np.uint32)
+        return mx.array(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)).view(mx.bfloat16)
+    return mx.array(wide).astype(target)
+
+
+def _digest_memo() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "mlx-mixtral" / "file-digests.json"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, remembered by (path, size, inode, mtime): a file rewritten in
+    place gets a new mtime and is hashed again. The memo is a small JSON file in the user's cache
+    folder, written atomically; when it cannot be read or written, the digest is just recomputed."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_dev}:{st.st_ino}|{st.st_mtime_ns}"
+    memo_path = _digest_memo()
+    try:
+        memo = json.loads(memo_path.read_text())
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo.get(key), str):
+        return memo[key]
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            done = 0
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+                if hasattr(os, "posix_fadvise"):  # a streamed model's files must not fill the page cache
+                    os.posix_fadvise(f.fileno(), done, len(chunk), os.POSIX_FADV_DONTNEED)
+                done += len(chunk)
+    except OSError as e:
+        raise MixtralError(f"cannot read {path}: {reason(e)}") from None
+    value = h.hexdigest()
+    folder = str(path.resolve().parent)
+    memo = {k: v for k, v in memo.items() if not k.startswith(folder + os.sep) or k.split("|")[0] != key.split("|")[0]}
+    memo[key] = value
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo_path, json.dumps(memo), "digest memo")
+    except (OSError, MixtralError):
+        pass  # a read-only home: the digest is still right, only not remembered
+    return value

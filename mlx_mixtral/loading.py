@@ -157,8 +157,8 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
             model.load_weights(cast, strict=False)
             mx.eval([a for _, a in cast])
             advance()
-    model.runtime.fingerprint = ckpt.fingerprint()  # what saved KV caches are checked against
-    if cache is not None:  # the resident part (and the fingerprint's samples): give them back
+    model.runtime.fingerprint_of = ckpt.fingerprint  # what saved KV caches are checked against
+    if cache is not None:  # the resident part: give it back
         for f in ckpt.files:
             drop_file_from_page_cache(f)
     model.eval()
@@ -203,7 +203,7 @@ def _load_sharded(folder: Path, group: Any, dtype: mx.Dtype | None, progress: bo
     for layer in model.layers:
         layer.combine = combine
     model.runtime.split = split
-    model.runtime.fingerprint = f"{ckpt.fingerprint()}:rank{split.rank}/{split.size}"
+    model.runtime.fingerprint_of = lambda: f"{ckpt.fingerprint()}:rank{split.rank}/{split.size}"
     model.eval()
     return model
 

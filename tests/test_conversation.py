@@ -363,3 +363,29 @@ def test_cache_grows_enough_after_a_trim(make):
     cache.trim(290)
     keys, _ = cache.update_and_fetch(kv(450), kv(450))
     assert cache.offset == 460 and keys[0].shape[2] == 460 - getattr(cache, "start", 0)
+
+
+def test_trimming_a_long_loaded_history_is_linear(gqa, tmp_path):
+    """2000 saved exchanges against a 96-token context: the text that is encoded is a small
+    multiple of what fits, not of the whole history (which re-encoding per dropped exchange was).
+    Counted in characters handed to the tokenizer, so the check does not depend on speed."""
+    session = session_for(gqa, max_tokens=8, max_context=96, system="Be kind.")
+    history = Conversation("Be kind.", [Exchange(f"question {i} " * 20, f"answer {i} " * 20) for i in range(2000)])
+    history.save(tmp_path / "long.json")
+    session.load(tmp_path / "long.json")
+    encoded = []
+    real = session.tokenizer.apply_chat_template
+
+    def counting(messages, *args, **kwargs):
+        encoded.append(sum(len(m["content"]) for m in messages))
+        return real(messages, *args, **kwargs)
+
+    session.tokenizer.apply_chat_template = counting
+    try:
+        turn = session.start("and now?")
+    finally:
+        del session.tokenizer.apply_chat_template
+    whole = sum(len(e.user) + len(e.reply) for e in history.exchanges)
+    assert turn.dropped >= 1990 and len(turn.prompt) + session.reply_room() <= 96
+    assert sum(encoded) < whole / 50, (sum(encoded), whole)
+    assert turn.prompt == session.tokenizer.apply_chat_template(session.conversation.messages("and now?"))

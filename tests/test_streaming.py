@@ -422,3 +422,21 @@ def test_closing_a_streamed_model_puts_the_process_settings_back(hf_checkpoint_f
         assert calls[1:] == [(expert_cache.M_MMAP_THRESHOLD, expert_cache.GLIBC_MMAP_THRESHOLD)]
     finally:
         mx.set_cache_limit(outer)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", None])
+@pytest.mark.parametrize("max_memory", [None, "1000GB"])
+def test_a_dtype_override_works_resident_and_streamed_alike(hf_checkpoint_factory, mlx_lm_converted, dtype,
+                                                            max_memory):
+    """`load(dtype=...)` with and without `max_memory` (the expert readers once built MLX
+    conversions on their own threads, which the model's thread could not evaluate)."""
+    folder = mlx_lm_converted(hf_checkpoint_factory("gqa"), quantize=True)
+    dt = getattr(mx, dtype) if dtype else None
+    reference, tokenizer = mlx_mixtral.load(folder, progress=False, dtype=dt)
+    model, _ = mlx_mixtral.load(folder, progress=False, dtype=dt, max_memory=max_memory)
+    x = mx.array([[1, 415, 2936, 9060, 285]])
+    out = model(x)
+    assert out.dtype == (dt or mx.float32)
+    assert mx.array_equal(out, reference(x)).item()
+    assert (mlx_mixtral.generate(model, tokenizer, [1, 415], max_tokens=5)
+            == mlx_mixtral.generate(reference, tokenizer, [1, 415], max_tokens=5))

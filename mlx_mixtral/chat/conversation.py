@@ -203,6 +203,7 @@ class ChatSession:
             self.limit = min(self.limit, max_context)
         self.conversation = Conversation(system or None)
         self.cache = PromptCache(model, kv)
+        self._token_counts: dict[tuple[str, str], int] = {}
         self.last: Turn | None = None
         self.reseed()
 
@@ -229,7 +230,11 @@ class ChatSession:
     def start(self, user: str) -> Turn:
         """Encode the conversation plus `user`, dropping the oldest exchanges until it fits.
 
-        A message that cannot fit even alone raises MixtralError and leaves the conversation as is.
+        Linear in the conversation's length, however long a loaded one is: each exchange's tokens
+        are counted once, newest first, only until the context is full (`_keep`); the whole prompt
+        is then encoded once (again only if the count was short of the real encoding, which
+        holds at most a context's worth). A message that cannot fit even alone raises MixtralError
+        and leaves the conversation as is.
         """
         room = self.reply_room()
         alone = Conversation(self.conversation.system).messages(user)
@@ -240,13 +245,41 @@ class ChatSession:
                 f"{what} takes {need} tokens, which does not fit the context of {self.limit} tokens "
                 f"with {room} left for the reply; shorten it (the conversation is kept)"
             )
-        dropped = 0
+        exchanges = self.conversation.exchanges
+        dropped = len(exchanges) - self._keep(self.limit - room - need)
+        del exchanges[:dropped]
         while True:
             prompt = self.tokenizer.apply_chat_template(self.conversation.messages(user))
             if len(prompt) + room <= self.limit:
                 return Turn(user, prompt, dropped)
-            self.conversation.exchanges.pop(0)
+            exchanges.pop(0)
             dropped += 1
+
+    def _keep(self, budget: int) -> int:
+        """How many of the newest exchanges fit in `budget` tokens, by their own encodings."""
+        kept, used = 0, 0
+        for exchange in reversed(self.conversation.exchanges):
+            used += self._tokens_of(exchange)
+            if used > budget:
+                break
+            kept += 1
+        return kept
+
+    def _tokens_of(self, exchange: Exchange) -> int:
+        """The tokens an exchange adds to a prompt: its encoding on its own, less the BOS every
+        prompt has once (remembered: a turn asks for each exchange again)."""
+        key = (exchange.user, exchange.reply)
+        if key not in self._token_counts:
+            messages = [{"role": "user", "content": exchange.user}, {"role": "assistant", "content": exchange.reply}]
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+                count = len(ids) - (1 if ids and ids[0] == self.tokenizer.bos_id else 0)
+            except MixtralError:  # a template that will not render an exchange alone: its texts
+                count = len(self.tokenizer.encode_text(exchange.user)) + len(self.tokenizer.encode_text(exchange.reply))
+            if len(self._token_counts) > 100_000:
+                self._token_counts.clear()
+            self._token_counts[key] = count
+        return self._token_counts[key]
 
     def save(self, path: str | os.PathLike, kv: bool | None = None) -> tuple[Path, bool]:
         """Write the conversation as JSON to `path` and, beside it (`path` + ".kv"), its KV cache:

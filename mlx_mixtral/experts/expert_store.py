@@ -111,8 +111,10 @@ class ExpertStore:
     def read(self, layer: int, expert: int) -> dict[str, mx.array]:
         """Expert `expert` of `layer`, as one-expert stacks `[1, ...]` in the compute dtype.
 
-        Safe to call from several threads at once: only numpy and array creation run here, no
-        MLX graph is built or evaluated.
+        Safe to call from several threads at once. Each array is evaluated on the thread that made
+        it: an MLX operation left pending there (a dtype conversion) would belong to that thread's
+        stream, which the model's thread cannot evaluate ("There is no Stream(cpu, N) in current
+        thread").
         """
         start = time.perf_counter()
         slices = self._slices[layer, expert]
@@ -129,7 +131,9 @@ class ExpertStore:
         except OSError as e:
             raise MixtralError(f"{t.file}: cannot read expert {expert} of layer {layer} ({e.strerror or e}); "
                                "download or convert the model again") from None
-        return tensor_from_bytes(raw, t.dtype, s.target, (1, *t.shape))
+        array = tensor_from_bytes(raw, t.dtype, s.target, (1, *t.shape))
+        mx.eval(array)
+        return array
 
     def close(self) -> None:
         self._slice_pool.shutdown(wait=True)

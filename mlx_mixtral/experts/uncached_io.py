@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MixtralError
+
 ALIGN = 4096  # a multiple of every common logical block size, and the page size on Linux x86
 _F_NOCACHE = 48  # <sys/fcntl.h> on macOS; Python's fcntl module does not always export it
 
@@ -85,10 +87,17 @@ class UncachedFile:
                     fcntl.fcntl(self._fd, getattr(fcntl, "F_NOCACHE", _F_NOCACHE), 1)
                 except OSError:
                     pass
+        st = os.fstat(self._fd)
+        self._identity = (st.st_size, st.st_mtime_ns)  # a file rewritten in place changes these
 
 
     def read(self, offset: int, n: int) -> memoryview:
-        """Bytes `[offset, offset + n)` of the file."""
+        """Bytes `[offset, offset + n)` of the file; refused (MixtralError) if the file was
+        rewritten in place since it was opened: its weights would no longer be the model's."""
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != self._identity:
+            raise MixtralError(f"{self.path} changed on disk while the model was in use (rewritten in place); "
+                               "load the model again")
         if self.direct:
             start = _round_down(offset)
             size = _round_up(offset + n) - start
