@@ -278,13 +278,14 @@ def test_save_then_load_in_a_new_session(chat, tmp_path):
     plain = tmp_path / "plain.json"
     a.command(f"/save {plain} --no-kv", r"saved 2 exchanges to ")
     a.command(f"/save {plain} --kv --no-kv", r"\nusage: /save FILE \[--kv\|--no-kv\]\n")
-    a.command(f"/save {tmp_path / 'no' / 'such' / 'dir.json'}", r"\ncannot save to .*dir\.json: No such file or directory\n")
+    a.command(f"/save {tmp_path / 'no' / 'such' / 'dir.json'}",
+              r"\ncannot save the conversation to .*dir\.json: no such file or directory \(nothing was changed there\)\n")
     a.line("/exit")
     assert a.exits() == 0
 
     (tmp_path / "corrupt.json").write_text('{"messages": [')
     b = chat("--max-tokens", "4")
-    b.command(f"/load {tmp_path / 'missing.json'}", r"\ncannot read .*missing\.json: No such file or directory\n")
+    b.command(f"/load {tmp_path / 'missing.json'}", r"\nno saved conversation at .*missing\.json: no such file\n")
     b.command(f"/load {tmp_path / 'corrupt.json'}", r"\n.*corrupt\.json is not valid JSON \(.*\)\n")
     b.command("/load", r"\nusage: /load FILE\n")
     b.command(f"/load {plain}", r"loaded 2 exchanges and a system text from ")

@@ -440,3 +440,51 @@ def test_a_dtype_override_works_resident_and_streamed_alike(hf_checkpoint_factor
     assert mx.array_equal(out, reference(x)).item()
     assert (mlx_mixtral.generate(model, tokenizer, [1, 415], max_tokens=5)
             == mlx_mixtral.generate(reference, tokenizer, [1, 415], max_tokens=5))
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_the_default_policy_keeps_its_invariants_under_pressure(hf_checkpoint_factory, probe_tokens, prefetch):
+    """LFU (the default) at the tightest budgets, prompt and decode: nothing stays pinned, the
+    cache never holds more than its capacity, every request is a hit, a miss or a prefetch used,
+    and the tokens are the resident model's."""
+    path = hf_checkpoint_factory("experts6_top3")
+    resident, tokenizer = mlx_mixtral.load(path, progress=False)
+    want = mlx_mixtral.generate(resident, tokenizer, probe_tokens, max_tokens=10, stop_on_eos=False)
+    sizes = budgets(path)
+    for n in sorted(sizes)[:2]:
+        model, _ = streamed(path, sizes[n], prefetch=prefetch)
+        cache = model.runtime.expert_cache
+        assert cache.policy == "lfu"
+        got = mlx_mixtral.generate(model, tokenizer, probe_tokens, max_tokens=10, stop_on_eos=False)
+        stats = cache.snapshot()
+        assert got == want
+        assert all(entry.pins == 0 for entry in cache._entries.values())
+        assert cache.peak_used <= cache.capacity and sum(e.nbytes for e in cache._entries.values()) <= cache.capacity
+        assert stats.requests == stats.hits + stats.misses + stats.prefetched
+        assert stats.misses > 0 and (prefetch or stats.prefetch_issued == 0)
+        model.runtime.close()
+
+
+def test_max_memory_auto_counts_the_kv_format_asked_for(hf_checkpoint_factory, monkeypatch):
+    """`--max-memory auto --kv-bits 4` leaves room for a 4-bit KV cache, not a float one: the
+    front door passes the format through to the budget."""
+    import argparse
+
+    from mlx_mixtral import arguments
+
+    seen = []
+    real = arguments.would_fit
+
+    def spy(folder, tokens=None, kv=None):
+        seen.append(kv)
+        return real(folder, tokens, kv)
+
+    monkeypatch.setattr(arguments, "would_fit", spy)
+    for bits in (None, 8, 4):
+        args = argparse.Namespace(model=str(hf_checkpoint_factory("gqa")), max_memory=None, kv_bits=bits,
+                                  kv_group_size=None, cache_policy="lfu", no_prefetch=False)
+        arguments.load_from_args(args, lambda line: None, context=lambda t: 4096)
+    assert [fmt.bits for fmt in seen] == [None, 8, 4]
+    config = mlx_mixtral.load(hf_checkpoint_factory("gqa"), progress=False)[0].config
+    budgets_by_bits = [budget.auto_budget(config, 512, fmt)[0] for fmt in seen]
+    assert budgets_by_bits[0] < budgets_by_bits[1] < budgets_by_bits[2]

@@ -95,6 +95,8 @@ class UncachedFile:
         """Bytes `[offset, offset + n)` of the file; refused (MixtralError) if the file was
         rewritten in place since it was opened: its weights would no longer be the model's."""
         st = os.fstat(self._fd)
+        if st.st_size < self._identity[0]:
+            raise OSError("the file is truncated")
         if (st.st_size, st.st_mtime_ns) != self._identity:
             raise MixtralError(f"{self.path} changed on disk while the model was in use (rewritten in place); "
                                "load the model again")
