@@ -139,6 +139,35 @@ def test_splits_that_cannot_work_are_refused_in_one_line(n, which, needle, hf_ch
     assert "Traceback" not in out.stderr
 
 
+SAMPLED = r'''
+import sys
+import mlx_mixtral
+from mlx_mixtral.distributed.group import agreed_seed, world
+from mlx_mixtral.sampling import SamplingParams
+model, tokenizer = mlx_mixtral.load(sys.argv[1], progress=False)
+tokens = [r.token for r in mlx_mixtral.stream_generate(
+    model, tokenizer, [1, 415, 2936, 9060], max_tokens=24, stop_on_eos=False,
+    sampling=SamplingParams(temp=1.5, top_p=0.95, repetition_penalty=1.2), seed=agreed_seed(model, None))]
+print(f"rank {world().rank()}:", *tokens, flush=True)
+'''
+
+
+def test_sampling_without_a_seed_picks_the_same_tokens_in_every_process(hf_checkpoint_factory, tmp_path):
+    """Each process samples from the same logits: without --seed they must still agree (one seed
+    for all, chosen by rank 0), or each would feed a different token and the split model's sums
+    would mix two conversations. Hot sampling, so a disagreement shows within a few tokens."""
+    script = tmp_path / "sampled.py"
+    script.write_text(SAMPLED)
+    seen = set()
+    for _ in range(2):  # two runs: two different random seeds
+        out = launch(2, sys.executable, str(script), str(hf_checkpoint_factory("gqa")), timeout=120)
+        lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
+        assert len(lines) == 2, out.stderr
+        assert lines[0].split(":")[1] == lines[1].split(":")[1], lines
+        seen.add(lines[0].split(":")[1])
+    assert len(seen) == 2  # really sampled: another seed, other tokens
+
+
 def test_stdin_prompts_are_refused_under_mlx_launch(hf_checkpoint_factory):
     out = launch(2, str(CLI), "generate", "--model", str(hf_checkpoint_factory("gqa")), "--raw")
     assert "exited with code 1" in out.stderr and "stdin never ends" in out.stderr and "Traceback" not in out.stderr

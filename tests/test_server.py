@@ -127,6 +127,12 @@ def test_text_completion_from_text_or_ids_and_stop_strings(server, local):
     stopped = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[stop, "zzz"])
     assert stopped.choices[0].text == full[:full.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+    # usage counts exactly: the prompt's ids, and every token generated up to the stop string
+    model, tokenizer = local
+    ids = tokenizer.encode(prompt)
+    steps = list(mlx_mixtral.stream_generate(model, tokenizer, ids, max_tokens=16, stop=[stop, "zzz"]))
+    assert (stopped.usage.prompt_tokens, stopped.usage.completion_tokens) == (len(ids), steps[-1].generation_tokens)
+    assert stopped.usage.total_tokens == len(ids) + steps[-1].generation_tokens < len(ids) + 16
     streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=stop,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed) == full[:full.index(stop)]
