@@ -90,25 +90,33 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     return model, tokenizer
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, temp: float = 0.0) -> None:
-    """Sampling flags shared by `generate` and `chat`."""
-    parser.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default: %(default)s)")
+def add_sampling_args(parser: argparse.ArgumentParser, temp: float = 0.0, max_tokens: int | None = 512) -> None:
+    """Sampling flags shared by `generate`, `chat` and `serve` (whose replies run to the end of the
+    context unless --max-tokens caps them)."""
+    parser.add_argument("--max-tokens", type=int, default=max_tokens,
+                        help="most tokens to generate (default: %s)" % (max_tokens or "until the model stops"))
     parser.add_argument("--temp", type=float, default=temp, help="sampling temperature; 0 is greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s, off)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0, off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (default: 0, off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise recent tokens (default: 1.0, off)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="OpenAI's: lower a token's logit by this much per time it was generated (-2 to 2; default: 0)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="OpenAI's: lower a generated token's logit by this much once (-2 to 2; default: 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     """Validated sampling parameters, so a bad flag fails before a multi-GB load."""
-    params = SamplingParams(temp=args.temp, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    params = SamplingParams(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                            presence_penalty=args.presence_penalty)
     params.validate()
     if args.seed is not None:
         check_seed(args.seed)
-    check_max_tokens(args.max_tokens)
+    if args.max_tokens is not None:
+        check_max_tokens(args.max_tokens)
     return params
 
 

@@ -24,6 +24,7 @@ from .errors import MixtralError
 from .sampling import (
     REPETITION_WINDOW,
     SamplingParams,
+    apply_openai_penalties,
     apply_repetition_penalty,
     check_max_tokens,
     check_seed,
@@ -112,13 +113,21 @@ class PenalizedSampler:
         self.sampling = sampling
         self._sample = make_sampler(sampling)
         self._recent = mx.array(list(recent)[-REPETITION_WINDOW:])
+        self._counts: mx.array | None = None  # generated tokens per id (OpenAI's penalties)
+        self._openai = sampling.frequency_penalty != 0 or sampling.presence_penalty != 0
 
     def __call__(self, logits: mx.array) -> mx.array:
         """The next token (shape [1]) from a forward pass's logits [1, L, vocab] (last position)."""
-        logits = apply_repetition_penalty(logits[:, -1, :], self._recent, self.sampling.repetition_penalty)
+        s = self.sampling
+        logits = apply_repetition_penalty(logits[:, -1, :], self._recent, s.repetition_penalty)
+        if self._openai and self._counts is None:
+            self._counts = mx.zeros((logits.shape[-1],), mx.float32)
+        logits = apply_openai_penalties(logits, self._counts, s.frequency_penalty, s.presence_penalty)
         y = self._sample(logits)
-        if self.sampling.repetition_penalty != 1.0:
+        if s.repetition_penalty != 1.0:
             self._recent = mx.concatenate([self._recent, y])[-REPETITION_WINDOW:]
+        if self._openai:
+            self._counts = self._counts.at[y].add(1.0)
         return y
 
 

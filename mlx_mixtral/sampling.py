@@ -27,6 +27,10 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's: subtract count x frequency_penalty + presence_penalty (once it appeared) from the
+    # logit of every token already generated in this reply.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def validate(self) -> None:
         checks = [
@@ -35,6 +39,8 @@ class SamplingParams:
             (self.top_k >= 0, f"top-k must be >= 0 (0 disables it), got {self.top_k}"),
             (0 <= self.min_p < 1, f"min-p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency penalty must be from -2 to 2, got {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence penalty must be from -2 to 2, got {self.presence_penalty}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -83,6 +89,13 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
         return mx.random.categorical(logits, axis=-1)
 
     return sample
+
+
+def apply_openai_penalties(logits: mx.array, counts: mx.array | None, frequency: float, presence: float) -> mx.array:
+    """OpenAI's frequency and presence penalties, from `counts` [V] of the tokens generated so far."""
+    if counts is None or (frequency == 0 and presence == 0):
+        return logits
+    return logits - (counts * frequency + (counts > 0).astype(counts.dtype) * presence).astype(logits.dtype)
 
 
 def apply_repetition_penalty(logits: mx.array, recent: mx.array | None, penalty: float) -> mx.array:

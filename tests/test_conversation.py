@@ -97,7 +97,8 @@ def test_settings_update_parses_validates_and_leaves_bad_values_out():
     s.update("max_tokens", "7")
     s.update("seed", "42")
     assert dict(s.items()) == {"temp": 0.2, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
-                               "repetition_penalty": 1.1, "max_tokens": 7, "seed": 42}
+                               "repetition_penalty": 1.1, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+                               "max_tokens": 7, "seed": 42}
     assert [k for k, _ in s.items()] == list(SETTING_KEYS)
     s.update("seed", "none")
     assert s.seed is None

@@ -194,7 +194,8 @@ def test_commands_settings_and_bad_input(chat, tmp_path):
                  "/stats", "/experts", "/exit /bye"]:
         c.expect(re.escape(name))
     c.command("/show", table(("temp", r"0\.7"), ("top_p", r"1\.0"), ("top_k", "0"), ("min_p", r"0\.0"),
-                             ("repetition_penalty", r"1\.0"), ("max_tokens", "4"), ("seed", "1"),
+                             ("repetition_penalty", r"1\.0"), ("frequency_penalty", r"0\.0"),
+                             ("presence_penalty", r"0\.0"), ("max_tokens", "4"), ("seed", "1"),
                              ("context", "512 tokens"), ("chat format", re.escape("Mistral v1 ([INST] text)")),
                              ("system", "none")))
     c.command("/set temp 0.2", r"temp = 0\.2\n")
@@ -205,7 +206,8 @@ def test_commands_settings_and_bad_input(chat, tmp_path):
     c.command("/set seed none", r"seed = none\n")
     c.command("/set max_tokens 3", r"max_tokens = 3\n")
     c.command("/show", table(("temp", r"0\.2"), ("top_p", r"0\.9"), ("top_k", "5"), ("min_p", r"0\.05"),
-                             ("repetition_penalty", r"1\.1"), ("max_tokens", "3"), ("seed", "none")))
+                             ("repetition_penalty", r"1\.1"), ("frequency_penalty", r"0\.0"),
+                             ("presence_penalty", r"0\.0"), ("max_tokens", "3"), ("seed", "none")))
     assert c.say("Hi")["gen"] == "3"
     c.command("/set temp abc", r"\ntemp takes a number, not 'abc'\n")
     c.command("/set top_p 2", r"\ntop-p must be in \(0, 1\], got 2\.0\n")

@@ -185,7 +185,7 @@ BAD = [
     ("/v1/chat/completions", b"{not json", 400, None, "not valid JSON"),
     ("/v1/chat/completions", b"\xff\xfe", 400, None, "not UTF-8"),
     ("/v1/chat/completions", [1, 2], 400, None, "must be a JSON object"),
-    ("/v1/chat/completions", {"messages": USER, "model": "gpt-4"}, 404, "model", "does not exist here"),
+    ("/v1/chat/completions", {"messages": USER, "model": 4}, 400, "model", "string"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "empty"),
     ("/v1/chat/completions", {}, 400, "messages", "required"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "must be a list"),
@@ -219,8 +219,12 @@ BAD = [
     ("/v1/chat/completions", {"messages": USER, "n": 2}, 400, "n", "one choice"),
     ("/v1/chat/completions", {"messages": USER, "logprobs": True}, 400, "logprobs", "not supported"),
     ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
-    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 0.5}, 400, "frequency_penalty",
-     "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": USER, "frequency_penalty": 2.5}, 400, "frequency_penalty",
+     "from -2 to 2"),
+    ("/v1/chat/completions", {"messages": USER, "presence_penalty": -3}, 400, "presence_penalty", "from -2 to 2"),
+    ("/v1/chat/completions", {"messages": USER, "repeat_penalty": 1.1, "repetition_penalty": 1.2}, 400,
+     "repeat_penalty", "same setting"),
+    ("/v1/chat/completions", {"messages": USER, "mirostat": 2}, 400, "mirostat", "not supported"),
     ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400,
      "response_format", "text"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * (CONTEXT + 10)}]}, 400,
@@ -256,12 +260,17 @@ def test_oversized_bodies_unknown_routes_and_methods(server):
 
 
 def test_openai_client_raises_its_own_errors(server):
-    import openai
-
-    with pytest.raises(openai.NotFoundError):
-        server.client().chat.completions.create(model="gpt-4o", messages=USER)
     with pytest.raises(openai.BadRequestError, match="one choice"):
         server.client().chat.completions.create(model=NAME, messages=USER, n=3)
+
+
+def test_any_model_name_is_the_one_model(server, local, reference):
+    """LangChain and LlamaIndex default to gpt-3.5-turbo: that is this server's model too, and
+    the response names the model that answered."""
+    r = server.client().chat.completions.create(model="gpt-3.5-turbo", messages=CONVERSATION, max_tokens=6,
+                                                temperature=0)
+    assert r.model == NAME and r.choices[0].message.content == expected(local, mistral_ids(reference, CONVERSATION), 6)
+    assert server.client().models.retrieve("gpt-4o").id == NAME
 
 
 def test_models_and_health(server):
@@ -446,21 +455,24 @@ def test_hostile_bodies_are_400s_and_the_server_stays_up(server):
 
 
 def test_a_big_prompt_is_tokenized_off_the_event_loop(folder):
-    """While a multi-megabyte prompt is tokenized, /health answers within 100 ms."""
+    """While a multi-megabyte prompt is tokenized (seconds), /health keeps answering: counted, not
+    timed, so the check holds on a loaded machine (tokenizing on the event loop answered none)."""
     server = Server(folder)
     try:
         big = json.dumps({"model": NAME, "prompt": "all work and no play makes jack a dull boy " * 150_000,
                           "max_tokens": 1}).encode()
         done = threading.Event()
         threading.Thread(target=lambda: (server.post("/v1/completions", big), done.set()), daemon=True).start()
-        slowest = 0.0
         time.sleep(0.3)  # the body is in; tokenizing it takes seconds
+        answered, slowest = 0, 0.0
         while not done.is_set():
             start = time.perf_counter()
             assert server.health()["status"] == "ok"
-            slowest = max(slowest, time.perf_counter() - start)
-            time.sleep(0.05)
-        assert slowest < 0.1, f"/health took {slowest:.3f} s while a big prompt was tokenized"
+            if not done.is_set():
+                answered += 1
+                slowest = max(slowest, time.perf_counter() - start)
+        print(f"/health answered {answered} times while the prompt was tokenized, slowest {slowest * 1000:.0f} ms")
+        assert answered >= 3
     finally:
         server.stop()
 
@@ -567,3 +579,103 @@ def test_an_internal_error_shows_the_client_an_id_and_the_log_the_traceback(caps
     request_id = re.search(r"request id (req_[0-9a-f]+)", message).group(1)
     log = capsys.readouterr().err
     assert f"error {request_id}: unexpected RuntimeError" in log and "/home/someone/secret.kv" in log
+
+
+def test_routes_without_v1_and_ollama_discovery(server, local, reference):
+    """Base URLs set to http://host:port (no /v1) and Ollama-style model discovery."""
+    plain = OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    r = plain.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == expected(local, mistral_ids(reference, CONVERSATION), 5)
+    assert [m.id for m in plain.models.list().data] == [NAME]
+    assert server.post("/completions", {"prompt": "hi", "max_tokens": 2}).status == 200
+    tags = server.send("GET", "/api/tags").json()
+    assert [m["name"] for m in tags["models"]] == [NAME] and tags["models"][0]["details"]["family"] == "mixtral"
+    assert tags["models"][0]["size"] > 0
+    show = server.post("/api/show", {"model": NAME}).json()
+    assert show["model_info"]["mixtral.context_length"] == CONTEXT and "completion" in show["capabilities"]
+
+
+def test_without_max_tokens_a_reply_runs_to_the_end(folder, local):
+    """Most clients leave max_tokens out: the reply runs until the model stops or the context is
+    full (here: the context, with EOS never chosen by this random model in time... so cap it by a
+    small context), unless serve --max-tokens caps it."""
+    copy = folder.parent / "short-context"
+    if not copy.exists():
+        shutil.copytree(folder, copy)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    server = Server(copy)
+    try:
+        r = server.post("/v1/completions", {"prompt": [1, 415, 2936], "temperature": 0})
+        body = r.json()
+        usage = body["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 64 or body["choices"][0]["finish_reason"] == "stop"
+        assert usage["completion_tokens"] > 16
+    finally:
+        server.stop()
+    capped = Server(copy, "--max-tokens", "7")
+    try:
+        r = capped.post("/v1/completions", {"prompt": [1, 415, 2936], "temperature": 0}).json()
+        assert r["usage"]["completion_tokens"] == 7 and r["choices"][0]["finish_reason"] == "length"
+    finally:
+        capped.stop()
+
+
+def test_openai_penalties_and_repeat_penalty(server, local):
+    """frequency/presence penalties as OpenAI defines them (against a local run with the same
+    settings and seed), and llama.cpp's repeat_penalty as the repetition penalty."""
+    model, tokenizer = local
+    ids = [1, 415, 2936, 9060]
+    for fields, params in (({"frequency_penalty": -2.0}, SamplingParams(temp=1.0, frequency_penalty=-2.0)),
+                           ({"presence_penalty": 2.0}, SamplingParams(temp=1.0, presence_penalty=2.0)),
+                           ({"frequency_penalty": 1.5, "presence_penalty": 0.5},
+                            SamplingParams(temp=1.0, frequency_penalty=1.5, presence_penalty=0.5)),
+                           ({"repeat_penalty": 1.3}, SamplingParams(temp=1.0, repetition_penalty=1.3))):
+        r = server.post("/v1/completions", {"prompt": ids, "max_tokens": 24, "temperature": 1.0, "seed": 7,
+                                            **fields}).json()
+        want = mlx_mixtral.generate(model, tokenizer, ids, max_tokens=24, sampling=params, seed=7)
+        assert r["choices"][0]["text"] == want, fields
+    plain = mlx_mixtral.generate(model, tokenizer, ids, max_tokens=24, sampling=SamplingParams(temp=1.0), seed=7)
+    rewarded = mlx_mixtral.generate(model, tokenizer, ids, max_tokens=24, seed=7,
+                                    sampling=SamplingParams(temp=1.0, frequency_penalty=-2.0))
+    assert plain != rewarded  # the penalty really changes the draw
+
+
+def test_an_empty_assistant_turn_is_left_out(server, local, reference):
+    """A reply the user stopped before its first token: the conversation reads as if it were
+    never asked, so the user messages around it join (mistral-common's rule for consecutive ones)."""
+    messages = [{"role": "user", "content": "first"}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "second"}]
+    r = server.client().chat.completions.create(model=NAME, messages=messages, max_tokens=4, temperature=0)
+    joined = [{"role": "user", "content": "first"}, {"role": "user", "content": "second"}]
+    assert r.usage.prompt_tokens == len(mistral_ids(reference, joined))
+    assert r.choices[0].message.content == expected(local, mistral_ids(reference, joined), 4)
+
+
+@pytest.mark.parametrize("origin, allowed", [("http://localhost:3000", True), ("http://127.0.0.1:8080", True),
+                                             ("http://[::1]:5173", True), ("https://evil.example", False),
+                                             ("http://localhost.evil.example", False)])
+def test_browsers_from_this_machine_may_call_others_may_not(server, origin, allowed):
+    conn = server.connect()
+    conn.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    assert (r.status == 200 and r.getheader("access-control-allow-origin") == origin) == allowed
+    assert r.getheader("access-control-allow-origin") != "*"
+
+
+def test_allow_origin_names_more_origins(folder):
+    server = Server(folder, "--allow-origin", "https://my.app")
+    try:
+        for origin, allowed in (("https://my.app", True), ("https://other.app", False), ("http://localhost:1", True)):
+            conn = server.connect()
+            conn.request("GET", "/v1/models", headers={"Origin": origin})
+            r = conn.getresponse()
+            r.read()
+            conn.close()
+            assert (r.getheader("access-control-allow-origin") == origin) == allowed, origin
+    finally:
+        server.stop()
+

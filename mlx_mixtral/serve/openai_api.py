@@ -6,9 +6,14 @@ what is wrong and which field, with the status and error body OpenAI's clients e
 requests are encoded with our Mixtral-Instruct v1 encoding (`tokenizer.mistral_format`: exactly
 mistral-common's ids), never with a re-rendered template string.
 
-Fields OpenAI defines that we cannot honour (n > 1, logprobs, tools, penalties other than the
-repetition penalty, ...) are refused when they ask for something, never silently ignored;
-fields that only describe the caller (`user`, `metadata`, `store`) are accepted and ignored.
+Fields OpenAI defines that we cannot honour (n > 1, logprobs, tools, ...) are refused when they
+ask for something, never silently ignored; fields that only describe the caller (`user`,
+`metadata`, `store`, `service_tier`) are accepted and ignored. Any `model` name is served by the
+one model this server holds. Sampling: OpenAI's `frequency_penalty` and `presence_penalty`,
+and `repetition_penalty` (`repeat_penalty`, llama.cpp's and Ollama's name, means the same);
+without `max_tokens` a reply runs until the model stops or the context is full. An empty
+assistant message (a reply stopped before its first token) is left out, so the user messages
+around it join as the chat format joins consecutive messages.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ UNSUPPORTED = {
     "logprobs": ((None, False), "logprobs are not supported"),
     "top_logprobs": ((None, 0), "top_logprobs are not supported"),
     "logit_bias": ((None, {}), "logit_bias is not supported"),
-    "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported; use repetition_penalty"),
-    "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported; use repetition_penalty"),
+    "mirostat": ((None, 0), "mirostat sampling is not supported"),
+    "typical_p": ((None, 1, 1.0), "typical_p is not supported"),
     "tools": ((None, []), "tools (function calling) are not supported"),
     "functions": ((None, []), "functions (function calling) are not supported"),
     "tool_choice": ((None, "none", "auto"), "tool_choice is not supported"),
@@ -61,9 +66,10 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
 
 @dataclass(frozen=True)
 class Defaults:
-    """What a request gets for the fields it leaves out (the `serve` flags)."""
+    """What a request gets for the fields it leaves out (the `serve` flags). `max_tokens` None:
+    a reply runs until the model stops or the context is full, as llama-server and Ollama do."""
 
-    max_tokens: int = 512
+    max_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temp=0.7))
     seed: int | None = None
 
@@ -122,15 +128,25 @@ def _sampling(body: dict, defaults: Defaults, vocab: int) -> tuple[SamplingParam
     top_k = _number(body, "top_k", d.top_k, integer=True)
     min_p = _number(body, "min_p", d.min_p)
     penalty = _number(body, "repetition_penalty", d.repetition_penalty)
+    repeat = _number(body, "repeat_penalty", None)  # llama.cpp's and Ollama's name for it
+    if repeat is not None:
+        if body.get("repetition_penalty") is not None and repeat != penalty:
+            raise bad("repeat_penalty and repetition_penalty are the same setting: send one", "repeat_penalty")
+        penalty = repeat
+    frequency = _number(body, "frequency_penalty", d.frequency_penalty)
+    presence = _number(body, "presence_penalty", d.presence_penalty)
     seed = _number(body, "seed", defaults.seed, integer=True)
     _in_range("temperature", temp, 0 <= temp <= 2, "from 0 to 2")
     _in_range("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")
     _in_range("top_k", top_k, 0 <= top_k <= vocab, f"from 0 (off) to the vocabulary size {vocab}")
     _in_range("min_p", min_p, 0 <= min_p < 1, "in [0, 1)")
     _in_range("repetition_penalty", penalty, 0 < penalty <= 10, "in (0, 10]")
+    _in_range("frequency_penalty", frequency, -2 <= frequency <= 2, "from -2 to 2")
+    _in_range("presence_penalty", presence, -2 <= presence <= 2, "from -2 to 2")
     if seed is not None:
         _in_range("seed", seed, 0 <= seed < 2**64, "from 0 to 2**64 - 1")
-    return SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=penalty), seed
+    return SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=penalty,
+                          frequency_penalty=frequency, presence_penalty=presence), seed
 
 
 def _stop(body: dict) -> list[str]:
@@ -200,6 +216,8 @@ def _messages(body: dict) -> list[dict]:
             raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
                       f"messages[{i}].role")
         message = {"role": ROLES[role], "content": _content(m, i)}
+        if message["role"] == "assistant" and not message["content"] and not m.get("prefix"):
+            continue  # a reply stopped before its first token: as if never asked (its neighbours merge)
         if m.get("prefix") is not None:
             if not isinstance(m["prefix"], bool):
                 raise bad(f"messages[{i}].prefix must be true or false", f"messages[{i}].prefix")
@@ -247,9 +265,8 @@ def parse(body: Any, chat: bool, tokenizer, served: str, context: int, vocab: in
     model = body.get("model", served)
     if not isinstance(model, str):
         raise bad("model must be a string", "model")
-    if model != served:
-        raise APIError(404, f"the model {model!r} does not exist here; this server serves {served!r}",
-                       param="model", code="model_not_found")
+    # Any name is this server's one model (clients default to "gpt-3.5-turbo" and the like);
+    # responses name the model that answered.
     _refuse_unsupported(body)
     sampling, seed = _sampling(body, defaults, vocab)
     stop = _stop(body)
@@ -261,8 +278,9 @@ def parse(body: Any, chat: bool, tokenizer, served: str, context: int, vocab: in
         raise bad("stream_options is only allowed with stream: true", "stream_options")
     include_usage = _bool(options or {}, "include_usage", False)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, defaults.max_tokens, integer=True)
-    _in_range(name, max_tokens, 1 <= max_tokens <= context, f"from 1 to the model's context of {context} tokens")
+    asked = _number(body, name, None, integer=True)
+    if asked is not None:
+        _in_range(name, asked, 1 <= asked <= context, f"from 1 to the model's context of {context} tokens")
 
     param = "messages" if chat else "prompt"
     if chat:
@@ -276,6 +294,8 @@ def parse(body: Any, chat: bool, tokenizer, served: str, context: int, vocab: in
     if len(prompt) >= context:
         raise bad(f"the {param} takes {len(prompt)} tokens, which leaves no room to answer in the model's "
                   f"context of {context} tokens; shorten it", param, "context_length_exceeded")
+    room = context - len(prompt)  # left out: until the model stops or the context is full
+    max_tokens = min(room, asked if asked is not None else defaults.max_tokens or room)
     return Request(chat=chat, model=served, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                    seed=seed, stop=stop, stream=stream, include_usage=include_usage)
 

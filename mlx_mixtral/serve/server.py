@@ -23,8 +23,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
 from ..distributed.group import single_process
@@ -35,6 +40,9 @@ from .openai_api import APIError, Defaults, Reply, bad, parse, sse
 from .prompt_pool import PromptPool
 from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler, incident
 
+# Browser pages served from this machine may call the API; any other origin only when named with
+# --allow-origin (any web page the user visits could otherwise read the local model).
+LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 MAX_BODY_BYTES = 8 * 2**20  # a 32k-token conversation is a few hundred KB of JSON
 # Seconds for a whole request body to arrive (uvicorn itself closes idle keep-alive connections
 # after 5 s); MLX_MIXTRAL_BODY_TIMEOUT changes it.
@@ -45,6 +53,8 @@ DEFAULT_QUEUE = 8
 try:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -152,7 +162,8 @@ def _finish(reply: Reply, done: Done) -> None:
     reply.cached_tokens = done.cached_tokens
 
 
-def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: str | None = None) -> Starlette:
+def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: str | None = None,
+               allow_origins: Sequence[str] = ()) -> Starlette:
     """The ASGI app around a started `scheduler` (its model and tokenizer are loaded).
 
     Long on purpose: the route handlers are closures over one scheduler, key and model name, each
@@ -217,10 +228,27 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
 
     async def one_model(request: HTTPRequest) -> Response:
         check_key(request)
-        if request.path_params["name"] != served:
-            raise APIError(404, f"the model {request.path_params['name']!r} does not exist here; this server "
-                                f"serves {served!r}", param="model", code="model_not_found")
-        return JSONResponse(model_card())
+        return JSONResponse(model_card())  # any name is the one model, as for completions
+
+    def ollama_card() -> dict[str, Any]:
+        """The model as Ollama's /api/tags and /api/show describe one (for clients set up that way)."""
+        q = model.config.quantization or {}
+        return {"name": served, "model": served, "modified_at": _iso(started), "size": _weights_bytes(model),
+                "digest": "", "details": {"format": "mlx", "family": "mixtral", "families": ["mixtral"],
+                                          "parameter_size": f"{_parameters(model) / 1e9:.1f}B",
+                                          "quantization_level": f"Q{q['bits']}" if q.get("bits") else "F16"}}
+
+    async def ollama_tags(request: HTTPRequest) -> Response:
+        check_key(request)
+        return JSONResponse({"models": [ollama_card()]})
+
+    async def ollama_show(request: HTTPRequest) -> Response:
+        check_key(request)
+        card = ollama_card()
+        return JSONResponse({"modelfile": "", "parameters": "", "template": "", "details": card["details"],
+                             "model_info": {"general.architecture": "mixtral",
+                                            "mixtral.context_length": context},
+                             "capabilities": ["completion"], "modified_at": card["modified_at"]})
 
     async def health(request: HTTPRequest) -> Response:
         pool = scheduler.pool
@@ -241,15 +269,22 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
     async def server_error(request: HTTPRequest, e: Exception) -> Response:
         return _error_response(APIError(500, incident(e), "server_error"))
 
-    routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", text_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{name:path}", one_model, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ]
-    return Starlette(routes=routes, exception_handlers={APIError: api_error, HTTPException: http_error,
-                                                        Exception: server_error})
+    routes = [Route("/health", health, methods=["GET"]),
+              Route("/api/tags", ollama_tags, methods=["GET"]),
+              Route("/api/show", ollama_show, methods=["POST", "GET"])]
+    for prefix in ("/v1", ""):  # clients given the base URL with or without /v1
+        routes += [Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
+                   Route(f"{prefix}/completions", text_completions, methods=["POST"]),
+                   Route(f"{prefix}/models", models, methods=["GET"]),
+                   Route(f"{prefix}/models/{{name:path}}", one_model, methods=["GET"])]
+    if "*" in allow_origins:  # asked for by name: any page may call the API
+        origins: dict[str, Any] = {"allow_origins": ["*"]}
+    else:
+        origins = {"allow_origins": list(allow_origins), "allow_origin_regex": LOOPBACK_ORIGINS}
+    middleware = [Middleware(CORSMiddleware, **origins, allow_methods=["GET", "POST", "OPTIONS"],
+                             allow_headers=["*"], max_age=600)]
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +308,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-cache-size", default=DEFAULT_PROMPT_CACHE, metavar="SIZE",
                    help="memory for the KV state of recent conversations, reused when a client sends "
                         "one again (default: %(default)s; 0 turns it off)")
-    add_sampling_args(p, temp=0.7)
+    add_sampling_args(p, temp=0.7, max_tokens=None)
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://my.app; repeatable; '*' for any) call the "
+                        "API from a browser; pages on this machine (localhost, 127.0.0.1, [::1]) always may")
     p.epilog = "Sampling flags set the defaults for requests that leave those fields out."
 
 
@@ -302,6 +340,25 @@ def _default_name(model: str) -> str:
     else the hub repo id as given."""
     path = Path(model).expanduser()
     return path.resolve().name if path.is_dir() else model
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _weights_bytes(model) -> int:
+    return sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+
+
+def _parameters(model) -> int:
+    """Weights of the float model (packed quantized words hold several each)."""
+    bits = (model.config.quantization or {}).get("bits", 32)
+    total = 0
+    for name, a in tree_flatten(model.parameters()):
+        if name.endswith((".scales", ".biases")):
+            continue
+        total += a.size * (32 // bits if a.dtype == mx.uint32 else 1)
+    return total
 
 
 def _loopback(host: str) -> bool:
@@ -339,7 +396,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     scheduler = Scheduler(load, max_queue=args.max_queue)
     scheduler.start()
-    app = create_app(scheduler, served, Defaults(args.max_tokens, sampling, args.seed), args.api_key)
+    app = create_app(scheduler, served, Defaults(args.max_tokens, sampling, args.seed), args.api_key,
+                     args.allow_origin)
     host, port = sock.getsockname()[:2]
     if not _loopback(args.host):
         note(f"warning: listening on {args.host}: anyone who can reach this machine can use the model"

@@ -61,7 +61,7 @@ class Tokenizer:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise MixtralError(f"Cannot read tokenizer {self.model_file}: {reason}") from None
         self.files = files or TokenizerFiles()
-        self._sp_hf = self._transformers_model()
+        self._sp_hf: spm.SentencePieceProcessor | None = None  # built on first use (template models)
         self.sp_vocab_size: int = self._sp.vocab_size()
         self.added: dict[int, AddedToken] = {t.id: t for t in self._added_tokens()}
         self.vocab_size: int = max([self.sp_vocab_size, *(i + 1 for i in self.added)])
@@ -159,6 +159,8 @@ class Tokenizer:
             return []
         if not self._transformers_text:
             return self._sp.encode(text)
+        if self._sp_hf is None:
+            self._sp_hf = self._transformers_model()
         return self._sp_hf.encode(self.files.normalization.apply(text, at_start))
 
     # --- decoding ----------------------------------------------------------------------------
