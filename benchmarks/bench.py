@@ -639,8 +639,8 @@ def check_context(args: argparse.Namespace, limit: int, log: Callable[[str], Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    end_with_peers()
     group = world()
-    end_with_peers(group)
     lead = group.rank() == 0  # under mlx.launch, rank 0 alone reports
     log = (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)) if lead else (lambda msg: None)  # noqa: E731
     try:

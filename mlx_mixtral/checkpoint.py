@@ -39,6 +39,7 @@ MAX_HEADER_BYTES = 100 << 20  # a safetensors header (ours or any file's) larger
 # Buffers some checkpoints carry that are not weights (RoPE frequencies, recomputed from rope_theta).
 BUFFERS = ("rotary_emb.inv_freq",)
 HASH_CHUNK = 16 << 20  # bytes read at a time while hashing a weights file
+MEMO_ENTRIES = 2000  # weights files whose digests are remembered
 _MLX_EXPERT_NAMES = {hf: mlx for mlx, hf in HF_EXPERT_NAMES.items()}
 
 
@@ -342,9 +343,10 @@ def file_digest(path: Path) -> str:
     except OSError as e:
         raise MixtralError(f"cannot read {path}: {reason(e)}") from None
     value = h.hexdigest()
-    folder = str(path.resolve().parent)
-    memo = {k: v for k, v in memo.items() if not k.startswith(folder + os.sep) or k.split("|")[0] != key.split("|")[0]}
+    same_file = key.split("|")[0] + "|"
+    memo = {k: v for k, v in memo.items() if not k.startswith(same_file)}  # older versions of this file
     memo[key] = value
+    memo = dict(list(memo.items())[-MEMO_ENTRIES:])  # the most recently hashed files
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(memo_path, json.dumps(memo), "digest memo")

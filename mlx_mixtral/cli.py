@@ -228,15 +228,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     _convert_parser(sub)
     args = parser.parse_args(argv)
-    _join_the_run()
-    return run_main(lambda: args.func(args))
+    def run() -> int:
+        _join_the_run()  # inside run_main: a peer lost while joining is one line too
+        return args.func(args)
+
+    return run_main(run)
 
 
 def _join_the_run() -> None:
     """Under mlx.launch every rank runs the command: join the others, end with them (in one line,
     never hanging on a dead peer), and let rank 0 alone write the answer."""
+    end_with_peers()  # first: a peer that dies while this one joins is covered too
     group = world()
-    end_with_peers(group)
     if group.rank() != 0:
         sys.stdout = open(os.devnull, "w")
 

@@ -216,7 +216,10 @@ def test_a_peer_killed_at_any_point_never_hangs_the_others(hf_checkpoint_factory
     assert time.monotonic() - start < 90, f"{phase}: took {time.monotonic() - start:.0f} s"
     assert "Traceback" not in out.stderr, out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert errors or phase == "loading", out.stderr  # killed before joining, the other may never have joined
+    # Every survivor that got as far as running our code says why it ended. A kill point is a time,
+    # and on a loaded machine a "decoding" one may come while the other is still starting Python,
+    # before any handler of ours exists: then it has printed nothing at all, output included.
+    assert errors or not out.stdout.strip(), out.stderr
 
 
 def test_a_peer_that_never_comes_is_a_one_line_timeout(hf_checkpoint_factory, tmp_path):

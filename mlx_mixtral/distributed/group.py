@@ -31,8 +31,7 @@ def world() -> Any:
     """
     global _group
     if _group is None:
-        launched = any(k in os.environ for k in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_RANK"))
-        watcher = _watch_connect(CONNECT_TIMEOUT) if launched else None
+        watcher = _watch_connect(CONNECT_TIMEOUT) if launched() else None
         _group = mx.distributed.init()
         if watcher is not None:
             fd, pid = watcher
@@ -65,17 +64,25 @@ STOPPED = ("error: process {rank} stopped: another process of this run ended (it
            "any reply is incomplete\n")
 
 
-def end_with_peers(group: Any) -> None:
-    """When the launcher stops this process (SIGTERM: another process of the run ended), print
-    one line and end at once, whatever the main thread is doing.
+def launched() -> bool:
+    """Whether a launcher (mlx.launch, mpirun) started this process as one of several."""
+    return any(k in os.environ for k in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_RANK"))
 
-    A blocked MLX call (a collective waiting on a dead peer) never returns to Python, so no Python
-    handler could act. The signal's C-level handler still writes its number to the wakeup fd; a
-    forked watcher reading that pipe prints the line and kills this process. The watcher ends when
-    this process does (end of file on the pipe). No-op for a single process.
+
+def end_with_peers() -> None:
+    """When the launcher stops this process (SIGTERM: another process of the run ended), print
+    one line and end at once, whatever the main thread is doing: joining the others, computing,
+    or waiting for input. Call it before `world()`, so a peer that dies during the join is
+    covered too.
+
+    A blocked MLX call (the join, or a collective waiting on a dead peer) never returns to
+    Python, so no Python handler could act. The signal's C-level handler still writes its number
+    to the wakeup fd; a forked watcher reading that pipe prints the line and kills this process.
+    The watcher ends when this process does (end of file on the pipe). No-op when not launched.
     """
-    if group.size() < 2:
+    if not launched():
         return
+    rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the watcher: only reads, writes and signals
@@ -86,7 +93,7 @@ def end_with_peers(group: Any) -> None:
             if not data:
                 os._exit(0)
             if signal.SIGTERM in data:
-                os.write(2, STOPPED.format(rank=group.rank()).encode())
+                os.write(2, STOPPED.format(rank=rank).encode())
                 os.kill(parent, signal.SIGKILL)
                 os._exit(0)
     os.close(r)
