@@ -60,7 +60,9 @@ def _watch_connect(timeout: float) -> tuple[int, int]:
     return w, pid
 
 
-STOPPED = ("error: process {rank} stopped: another process of this run ended (its error is above); "
+# Starts with a newline: MLX's own stderr lines ("[ring] ...") may be half written when this one
+# comes from the watcher process, and the error must stand on a line of its own.
+STOPPED = ("\nerror: process {rank} stopped: another process of this run ended (its error is above); "
            "any reply is incomplete\n")
 
 
