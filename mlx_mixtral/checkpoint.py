@@ -158,12 +158,12 @@ class Checkpoint:
         """A digest of config.json and of every byte of every weights file: any changed tensor
         changes it. Hashing reads the whole model once (26 GB of 4-bit 8x7B: about a minute on a
         Mac's SSD, see RESULTS.md), so each file's digest is remembered by its path, size, inode
-        and modification time (`file_digest`) and a later load costs milliseconds."""
+        and modification time (`file_digests`) and a later load costs milliseconds."""
         digest = hashlib.sha256()
         config = self.folder / "config.json"
         digest.update(config.read_bytes() if config.is_file() else b"")
-        for f in self.files:
-            digest.update(f"{f.name}:{file_digest(f)}".encode())
+        for f, file_hash in zip(self.files, file_digests(self.files)):
+            digest.update(f"{f.name}:{file_hash}".encode())
         return digest.hexdigest()[:32]
 
     def names(self) -> list[str]:
@@ -293,17 +293,17 @@ def tensor_from_bytes(raw: memoryview, stored: str, target: mx.Dtype, shape: tup
         if stored == "BF16":  # numpy has no bfloat16: carry the bits, reinterpret in MLX
             return mx.array(a).view(mx.bfloat16)
         return mx.array(a)
-    if target == mx.float32:  # widening, exact, done in numpy so no MLX graph is built here
-        if stored == "BF16":  # the bf16 bits are the top half of the float32's: one buffer, in place
-            wide = a.astype(np.uint32)
-            wide <<= 16
-            return mx.array(wide.view(np.float32))
-        return mx.array(a.astype(np.float32))
-    # An explicit `dtype=` override, converted in numpy: this runs on expert-reader threads, and an
-    # MLX operation built there would belong to that thread's stream, which the model's thread
-    # cannot evaluate ("There is no Stream(cpu, N) in current thread").
-    wide = a.view(np.uint16).astype(np.uint32) << 16 if stored == "BF16" else a.astype(np.float32)
-    wide = wide.view(np.float32) if stored == "BF16" else wide
+    # Widened to float32 (exact), and any other conversion too, in numpy: this runs on expert-reader
+    # threads, and an MLX operation built there would belong to that thread's stream, which the
+    # model's thread cannot evaluate ("There is no Stream(cpu, N) in current thread").
+    if stored == "BF16":  # the bf16 bits are the top half of the float32's: one buffer, in place
+        wide = a.astype(np.uint32)
+        wide <<= 16
+        wide = wide.view(np.float32)
+    else:
+        wide = a.astype(np.float32)
+    if target == mx.float32:
+        return mx.array(wide)
     if target == mx.float16:
         return mx.array(wide.astype(np.float16))
     if target == mx.bfloat16:  # round to nearest even, as MLX's own conversion does
@@ -317,20 +317,38 @@ def _digest_memo() -> Path:
     return Path(cache).expanduser() / "mlx-mixtral" / "file-digests.json"
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, remembered by (path, size, inode, mtime): a file rewritten in
+def file_digests(paths: list[Path]) -> list[str]:
+    """sha256 of each file's bytes, remembered by (path, size, inode, mtime): a file rewritten in
     place gets a new mtime and is hashed again. The memo is a small JSON file in the user's cache
-    folder, written atomically; when it cannot be read or written, the digest is just recomputed."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_dev}:{st.st_ino}|{st.st_mtime_ns}"
+    folder, read once and written (atomically) once; when it cannot be read or written, the
+    digests are just recomputed."""
     memo_path = _digest_memo()
     try:
         memo = json.loads(memo_path.read_text())
         memo = memo if isinstance(memo, dict) else {}
     except (OSError, ValueError):
         memo = {}
-    if isinstance(memo.get(key), str):
-        return memo[key]
+    digests, hashed = [], False
+    for path in paths:
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_dev}:{st.st_ino}|{st.st_mtime_ns}"
+        if not isinstance(memo.get(key), str):
+            same_file = key.split("|")[0] + "|"
+            memo = {k: v for k, v in memo.items() if not k.startswith(same_file)}  # its older versions
+            memo[key] = _sha256(path)
+            hashed = True
+        digests.append(memo[key])
+    if hashed:
+        memo = dict(list(memo.items())[-MEMO_ENTRIES:])  # the most recently hashed files
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(memo_path, json.dumps(memo), "digest memo")
+        except (OSError, MixtralError):
+            pass  # a read-only home: the digests are still right, only not remembered
+    return digests
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -342,14 +360,4 @@ def file_digest(path: Path) -> str:
                 done += len(chunk)
     except OSError as e:
         raise MixtralError(f"cannot read {path}: {reason(e)}") from None
-    value = h.hexdigest()
-    same_file = key.split("|")[0] + "|"
-    memo = {k: v for k, v in memo.items() if not k.startswith(same_file)}  # older versions of this file
-    memo[key] = value
-    memo = dict(list(memo.items())[-MEMO_ENTRIES:])  # the most recently hashed files
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(memo_path, json.dumps(memo), "digest memo")
-    except (OSError, MixtralError):
-        pass  # a read-only home: the digest is still right, only not remembered
-    return value
+    return h.hexdigest()

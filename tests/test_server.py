@@ -551,7 +551,8 @@ def test_an_internal_error_shows_the_client_an_id_and_the_log_the_traceback(caps
     from mlx_mixtral.serve.server import create_app
 
     class Broken:
-        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64, vocab_size=10))
+        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64, vocab_size=10, quantization=None),
+                                parameters=dict)
         tokenizer = SimpleNamespace(chat_format=SimpleNamespace(name="none (base model)"))
 
         @property

@@ -230,21 +230,21 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
         check_key(request)
         return JSONResponse(model_card())  # any name is the one model, as for completions
 
-    def ollama_card() -> dict[str, Any]:
-        """The model as Ollama's /api/tags and /api/show describe one (for clients set up that way)."""
-        q = model.config.quantization or {}
-        return {"name": served, "model": served, "modified_at": _iso(started), "size": _weights_bytes(model),
-                "digest": "", "details": {"format": "mlx", "family": "mixtral", "families": ["mixtral"],
-                                          "parameter_size": f"{_parameters(model) / 1e9:.1f}B",
-                                          "quantization_level": f"Q{q['bits']}" if q.get("bits") else "F16"}}
+    # The model as Ollama's /api/tags and /api/show describe one (for clients set up that way).
+    quantization = model.config.quantization or {}
+    ollama_card = {"name": served, "model": served, "modified_at": _iso(started), "size": _weights_bytes(model),
+                   "digest": "", "details": {"format": "mlx", "family": "mixtral", "families": ["mixtral"],
+                                             "parameter_size": f"{_parameters(model) / 1e9:.1f}B",
+                                             "quantization_level": f"Q{quantization['bits']}"
+                                             if quantization.get("bits") else "F16"}}
 
     async def ollama_tags(request: HTTPRequest) -> Response:
         check_key(request)
-        return JSONResponse({"models": [ollama_card()]})
+        return JSONResponse({"models": [ollama_card]})
 
     async def ollama_show(request: HTTPRequest) -> Response:
         check_key(request)
-        card = ollama_card()
+        card = ollama_card
         return JSONResponse({"modelfile": "", "parameters": "", "template": "", "details": card["details"],
                              "model_info": {"general.architecture": "mixtral",
                                             "mixtral.context_length": context},

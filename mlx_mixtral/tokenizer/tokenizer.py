@@ -65,11 +65,11 @@ class Tokenizer:
         self.sp_vocab_size: int = self._sp.vocab_size()
         self.added: dict[int, AddedToken] = {t.id: t for t in self._added_tokens()}
         self.vocab_size: int = max([self.sp_vocab_size, *(i + 1 for i in self.added)])
+        self._by_text = {t.content: t for t in self.added.values()}
         self.bos_id: int = self._named_id("bos_token", self._sp.bos_id())
         self.eos_id: int = self._named_id("eos_token", self._sp.eos_id())
         # Generation ends at any of these (tokenizer, generation_config.json and config.json, as mlx-lm).
         self.eos_token_ids: set[int] = {self.eos_id, *self.files.extra_eos_ids} - {-1}
-        self._by_text = {t.content: t for t in self.added.values()}
         self.special_pattern = _alternation(sorted(self._by_text, key=len, reverse=True))
         self._context_id, self._context_text = self._pick_context_piece()
         # Tells tokenizers apart (saved KV caches record the ids of one tokenizer).
@@ -202,12 +202,6 @@ class Tokenizer:
             return added.special
         return 0 <= token < self.sp_vocab_size and self._sp.IsControl(token)
 
-    def piece(self, token: int) -> str:
-        """The piece or added-token text of an id (what a vocabulary listing shows)."""
-        if token in self.added:
-            return self.added[token].content
-        return self._sp.id_to_piece(token) if 0 <= token < self.sp_vocab_size else f"<unk {token}>"
-
     def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer for one generated sequence."""
         return StreamingDetokenizer(self)
@@ -252,15 +246,8 @@ class Tokenizer:
         text = self.files.special_names.get(name)
         if text is None:
             return default
-        token = self._by_text_or_piece(text)
+        token = self.token_id(text)
         return default if token is None else token
-
-    def _by_text_or_piece(self, text: str) -> int | None:
-        for token in self.added.values():
-            if token.content == text:
-                return token.id
-        piece_id = self._sp.piece_to_id(text)
-        return piece_id if self._sp.id_to_piece(piece_id) == text else None
 
     def _pick_context_piece(self) -> tuple[int, str]:
         """A normal piece without a leading "▁", whose text marks "not at the start of the text"."""
