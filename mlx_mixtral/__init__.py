@@ -12,9 +12,13 @@ The public API, which our own CLI, chat REPL and benchmark use too:
 
     cache = mlx_mixtral.make_cache(model, mlx_mixtral.kv_format(bits=8))  # quantized keys/values
     mlx_mixtral.generate(model, tokenizer, ids, cache=cache)
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    mlx_mixtral.generate(model, tokenizer, ids, grammar=mlx_mixtral.json_grammar(schema))  # enforced
 """
 
 from .cache import make_cache
+from .constrain import json_grammar
 from .errors import MixtralError
 from .generate import GenerationResponse, generate, stream_generate
 from .kv_format import kv_format
@@ -26,6 +30,7 @@ __all__ = [
     "MixtralError",
     "SamplingParams",
     "generate",
+    "json_grammar",
     "kv_format",
     "load",
     "make_cache",

@@ -7,6 +7,7 @@ Every user-fixable error ends as one line on stderr and a non-zero exit status (
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from . import prompt_cache
 from .arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, run_main, sampling_from_args
 from .cache import make_cache
 from .chat import repl
+from .constrain import Grammar, check, json_grammar
 from .distributed.group import agreed_seed, end_with_peers, single_process, world
 from .errors import MixtralError
 from .experts.expert_view import heatmap, streaming_line
@@ -55,8 +57,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def encode(tokenizer) -> list[int]:
         return _encode(tokenizer, prompt, args.raw, system)
 
+    grammar = _json_grammar(args)  # a bad schema file fails before the model loads
     model, tokenizer = load_from_args(args, _note, context=lambda t: len(encode(t)) + args.max_tokens)
     tokens = encode(tokenizer)
+    if grammar is not None:
+        check(grammar, tokenizer)
     if args.verbose:
         _note(f"chat format: {'none (--raw)' if args.raw else tokenizer.chat_format.name}")
     if not args.raw and tokenizer.chat_format.kind == "none":
@@ -76,7 +81,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     last = None
     for last in stream_generate(model, tokenizer, fed, max_tokens=args.max_tokens, sampling=sampling,
                                 seed=agreed_seed(model, args.seed), stop=args.stop or (), cache=cache,
-                                history=history):
+                                history=history, grammar=grammar):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -87,6 +92,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if table is not None:
             Console(stderr=True).print(table)
     return 0
+
+
+def _json_grammar(args: argparse.Namespace) -> Grammar | None:
+    """`--json` or `--json-schema FILE` as a grammar (the file read and parsed, one-line errors)."""
+    if args.json:
+        return json_grammar(None, what="--json")
+    if args.json_schema is None:
+        return None
+    path = Path(args.json_schema)
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MixtralError(f"cannot read the JSON schema {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MixtralError(f"{path} is not JSON: {e}") from None
+    return json_grammar(schema, what=f"the JSON schema in {path}")
 
 
 def _note(line: str) -> None:
@@ -176,6 +197,10 @@ def _generate_parser(sub) -> None:
                    help="continue the text saved by cache-prompt: the prompt is appended to it, and the "
                         "cached keys/values are reused up to where the two encodings differ")
     p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="answer with one JSON object (enforced token by token)")
+    shape.add_argument("--json-schema", default=None, metavar="FILE",
+                       help="answer with JSON that matches the JSON schema in FILE (enforced token by token)")
     p.add_argument("--verbose", "-v", action="store_true", help="print speed and memory (and streaming) to stderr")
     p.add_argument("--show-experts", action="store_true",
                    help="draw which experts each layer used (a heatmap on stderr)")

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from .cache import make_cache
+from .constrain import Constraint, Grammar
 from .device import fused_attention, wired_limit
 from .errors import MixtralError
 from .sampling import (
@@ -33,6 +35,7 @@ from .sampling import (
 from .tokenizer import Tokenizer
 
 PREFILL_STEP = 512  # most tokens per prefill chunk
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
 # Most bytes a prefill chunk's attention scores (and their softmax) may take where they are
 # materialised (device.fused_attention): deep in a long prompt, chunks shrink to stay within it.
 SCORES_BUDGET = 512 * 2**20
@@ -84,6 +87,9 @@ class GenerationResponse:
     peak_memory_gb: float
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while running
     tokens: list[int] = field(default_factory=list, repr=False)  # every token generated so far
+    # With logprobs: log-probability of `token` and the best alternatives (id, log-probability)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 def _stop_split(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
@@ -107,14 +113,22 @@ def _stop_split(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
 
 
 class PenalizedSampler:
-    """The sampler plus the repetition penalty's window of recent ids (prompt and generated)."""
+    """The sampler, with what it applies to the logits first: the repetition penalty (over a
+    window of recent ids, prompt and generated), OpenAI's penalties, and a grammar's mask. With
+    `logprobs` (a count of alternatives, 0 for none) it also keeps, per token, the log-softmax of
+    the logits it sampled from (after penalties and mask, before temperature and filters)."""
 
-    def __init__(self, sampling: SamplingParams, recent: Sequence[int]):
+    def __init__(self, sampling: SamplingParams, recent: Sequence[int], constraint: Constraint | None = None,
+                 logprobs: int | None = None):
         self.sampling = sampling
         self._sample = make_sampler(sampling)
         self._recent = mx.array(list(recent)[-REPETITION_WINDOW:])
         self._counts: mx.array | None = None  # generated tokens per id (OpenAI's penalties)
         self._openai = sampling.frequency_penalty != 0 or sampling.presence_penalty != 0
+        self._constraint = constraint
+        self._last: mx.array | None = None  # the token sampled last (the constraint takes it next call)
+        self._logprobs = logprobs
+        self._kept: deque[tuple[mx.array, ...]] = deque()  # per sampled token, oldest first
 
     def __call__(self, logits: mx.array) -> mx.array:
         """The next token (shape [1]) from a forward pass's logits [1, L, vocab] (last position)."""
@@ -123,12 +137,42 @@ class PenalizedSampler:
         if self._openai and self._counts is None:
             self._counts = mx.zeros((logits.shape[-1],), mx.float32)
         logits = apply_openai_penalties(logits, self._counts, s.frequency_penalty, s.presence_penalty)
+        if self._constraint is not None:
+            mx.async_eval(logits)  # the forward pass runs while the grammar works out the mask
+            if self._last is not None:
+                self._constraint.advance(self._last.item())
+            logits = mx.where(self._constraint.allowed(), logits, -mx.inf)
         y = self._sample(logits)
+        if self._logprobs is not None:
+            self._kept.append(_log_softmax_at(logits, y, self._logprobs))
+            mx.async_eval(*self._kept[-1])
         if s.repetition_penalty != 1.0:
             self._recent = mx.concatenate([self._recent, y])[-REPETITION_WINDOW:]
         if self._openai:
             self._counts = self._counts.at[y].add(1.0)
+        self._last = y
         return y
+
+    def logprobs(self) -> tuple[float, list[tuple[int, float]]] | None:
+        """The oldest sampled token's log-probability and its `logprobs` best alternatives (id,
+        log-probability; most likely first), or None without `logprobs`."""
+        if self._logprobs is None:
+            return None
+        chosen, ids, values = self._kept.popleft()
+        top = sorted(((i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != -math.inf),
+                     key=lambda pair: -pair[1])
+        return chosen.item(), top
+
+
+def _log_softmax_at(logits: mx.array, token: mx.array, k: int) -> tuple[mx.array, ...]:
+    """log-softmax(logits) at `token`, and the ids and values of its `k` largest entries."""
+    logprobs = logits[0].astype(mx.float32)
+    logprobs = logprobs - mx.logsumexp(logprobs)
+    chosen = logprobs[token[0]]
+    if k == 0:
+        return chosen, mx.array([], mx.int32), mx.array([], mx.float32)
+    top = mx.argpartition(-logprobs, k - 1)[:k]
+    return chosen, top, logprobs[top]
 
 
 def generate_step(model, tokens: Sequence[int], cache: list, sample: Callable[[mx.array], mx.array],
@@ -155,9 +199,9 @@ def generate_step(model, tokens: Sequence[int], cache: list, sample: Callable[[m
 class _TextStream:
     """Generated ids -> text: detokenizing, holding back what may grow into a stop string, EOS."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], stop_on_eos: bool):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], stop_on_eos: bool, shown: Sequence[int] = ()):
         self._eos = tokenizer.eos_token_ids if stop_on_eos else set()
-        self._detok = tokenizer.detokenizer()
+        self._detok = tokenizer.detokenizer(shown)
         self._stop = stop
         self._pending = ""
         self.tokens: list[int] = []  # generated ids, EOS excluded
@@ -221,6 +265,9 @@ def stream_generate(
     stop_on_eos: bool = True,
     prefill_step: int = PREFILL_STEP,
     history: Sequence[int] = (),
+    grammar: Grammar | None = None,
+    logprobs: int | None = None,
+    shown: Sequence[int] = (),
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, encoded with BOS; or token ids, used as given): the token
     loop (`generate_step`) with text, stop strings and speed figures on top.
@@ -228,6 +275,9 @@ def stream_generate(
     `max_context` caps the context below the model's `max_position_embeddings`. `history`: the
     ids `cache` already holds, if known; only the repetition penalty reads them, so that its
     window covers the context before this call too (a chat turn feeds only its new tokens).
+    `grammar` holds the reply to it (`constrain`: JSON, a schema, tool calls); `logprobs` (a count
+    of alternatives, 0 to 20) fills each response's `logprob` and `top_logprobs`; the control ids
+    in `shown` appear in the text as their names.
     """
     sampling = sampling or SamplingParams()
     if seed is not None:
@@ -237,8 +287,11 @@ def stream_generate(
     if cache is None:
         cache = make_cache(model)
     max_tokens = _room(model, cache, len(tokens), max_tokens, max_context)
-    sample = PenalizedSampler(sampling, [*history[-REPETITION_WINDOW:], *tokens])
-    text = _TextStream(tokenizer, stop, stop_on_eos)
+    constraint = Constraint(grammar, tokenizer, model.config.vocab_size) if grammar is not None else None
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise MixtralError(f"logprobs must be from 0 to {MAX_TOP_LOGPROBS} alternatives, got {logprobs}")
+    sample = PenalizedSampler(sampling, [*history[-REPETITION_WINDOW:], *tokens], constraint, logprobs)
+    text = _TextStream(tokenizer, stop, stop_on_eos, shown)
     with wired_limit():
         mx.reset_peak_memory()
         start = time.perf_counter()
@@ -249,10 +302,12 @@ def stream_generate(
                 prompt_tps = len(tokens) / (gen_start - start)
             emit, finish = text.add(token, last=n >= max_tokens)
             elapsed = time.perf_counter() - gen_start
+            chosen, top = sample.logprobs() or (None, None)
             yield GenerationResponse(
                 text=emit, token=token, prompt_tokens=len(tokens), prompt_tps=prompt_tps,
                 generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
                 peak_memory_gb=mx.get_peak_memory() / 1e9, finish_reason=finish, tokens=text.tokens,
+                logprob=chosen, top_logprobs=top,
             )
             if finish is not None:
                 return

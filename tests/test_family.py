@@ -15,7 +15,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mlx_mixtral.errors import MixtralError
-from mlx_mixtral.tokenizer import Tokenizer, mistral_call_id, parse_tool_calls, split_tool_calls
+from mlx_mixtral.tokenizer import GENERIC, Tokenizer, ToolCallReader, mistral_call_id, scan_calls, tool_syntax
 
 import tokenizer_folders as folders
 
@@ -187,29 +187,53 @@ def test_mistral_call_id_maps_openai_ids_stably() -> None:
 # --- reading tool calls back ------------------------------------------------------------------------
 
 
-def test_tool_calls_are_parsed_from_the_ids(v3: Tokenizer) -> None:
+def _read(syntax, pieces):
+    reader = ToolCallReader(syntax)
+    events = [e for piece in pieces for e in reader.feed(piece)] + reader.finish()
+    return reader, events
+
+
+def test_tool_calls_are_read_with_the_marker_shown(v3: Tokenizer) -> None:
     calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "search", "arguments": {}}]
-    ids = [*v3.encode_text("Let me check."), 5, *v3.encode_text(json.dumps(calls)), 2]
-    text, after = split_tool_calls(ids, v3.chat_format.tool_calls_id, v3.decode)
-    assert text == "Let me check."
-    parsed = parse_tool_calls(after)
-    assert [(c.name, json.loads(c.arguments)) for c in parsed] == [("get_weather", {"city": "Paris"}),
-                                                                   ("search", {})]
-    assert v3.decode(ids).startswith("Let me check.") and "[TOOL_CALLS]" not in v3.decode(ids)
-    text, after = split_tool_calls(v3.encode_text("[TOOL_CALLS] typed"), 5, v3.decode)
-    assert after is None  # typed text is never a call
+    ids = [5, *v3.encode_text(json.dumps(calls)), 2]
+    detokenizer = v3.detokenizer(shown=[5])
+    pieces = [detokenizer.add_token(i) for i in ids[:-1]]
+    reader, events = _read(tool_syntax(v3.chat_format), pieces)
+    assert [(c.name, json.loads(c.arguments)) for c in reader.calls] == [("get_weather", {"city": "Paris"}),
+                                                                        ("search", {})]
+    assert reader.complete and not [e for e in events if e[0] == "content"]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in reader.calls)
+    assert "[TOOL_CALLS]" not in v3.decode(ids)  # shown only to the reader
+    # the same words typed as text are text
+    detokenizer = v3.detokenizer(shown=[5])
+    typed = [detokenizer.add_token(i) for i in v3.encode_text("[TOOL_CALLS]? No.")]
+    reader, events = _read(tool_syntax(v3.chat_format), typed)
+    assert not reader.calls
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('[{"name": "f", "arguments": {"a": 1}}]', [("f", '{"a":1}', None)]),
-    ('{"name": "f", "arguments": "{\\"a\\": 1}", "id": "abcdefghi"}', [("f", '{"a":1}', "abcdefghi")]),
-    (' [{"name": "f"}]', [("f", "{}", None)]),
-    ('[{"name": "f", "arguments": {"a": ', None),  # cut short
-    ("[]", None), ('[{"arguments": {}}]', None), ("sunny", None),
+@pytest.mark.parametrize("text, calls, complete", [
+    ('[{"name": "f", "arguments": {"a": [1, {"b": "}"}]}}]', [("f", '{"a": [1, {"b": "}"}]}')], True),
+    ('[{"name": "f", "arguments": {"s": "x\\"y"}}, {"name": "g", "arguments": {}}]',
+     [("f", '{"s": "x\\"y"}'), ("g", "{}")], True),
+    ('[{"name": "f", "arguments": {"a": ', [("f", '{"a": ')], False),  # cut short
+    ('[{"name": "f', [], False),
 ])
-def test_parse_tool_calls(text, expected) -> None:
-    calls = parse_tool_calls(text)
-    assert (None if calls is None else [(c.name, c.arguments, c.id) for c in calls]) == expected
+def test_calls_are_scanned_as_they_grow(text, calls, complete) -> None:
+    assert scan_calls(text) == (calls, complete)
+    for cut in range(len(text)):  # every prefix reads as a prefix of the whole
+        partial, _ = scan_calls(text[:cut])
+        assert len(partial) <= len(calls)
+        assert all(name == calls[i][0] and calls[i][1].startswith(args) for i, (name, args) in enumerate(partial))
+
+
+def test_reader_holds_back_only_what_may_be_the_marker() -> None:
+    reader, events = _read(GENERIC, [" [TOO", "L_CALLS] [", '{"name": "f", "arguments": {"x"', ": 1}}]"])
+    assert [(c.name, c.arguments) for c in reader.calls] == [("f", '{"x": 1}')]
+    assert events[0][0] == "call" and "".join(e[2] for e in events if e[0] == "arguments") == '{"x": 1}'
+    reader, events = _read(GENERIC, [" [TOO", "K] is a word"])
+    assert events == [("content", " [TOOK] is a word")] and not reader.calls
+    reader, events = _read(GENERIC, [" [TOOL"])
+    assert events == [("content", " [TOOL")]  # at the end, held text is text
 
 
 # --- ChatML fine-tunes against transformers ----------------------------------------------------------

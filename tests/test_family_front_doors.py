@@ -21,39 +21,13 @@ from mlx_mixtral.tokenizer import BASE_MODEL_NOTE, Tokenizer
 
 import tokenizer_folders as folders
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = folders.TOKENIZER_FILES
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLX_MIXTRAL_HISTORY": "", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *args], input=stdin,
                           capture_output=True, text=True, timeout=300, env=env)
-
-
-def _grow_vocabulary(folder: Path, rows: int) -> None:
-    """Give the checkpoint `rows` embedding and lm_head rows (a fine-tune's added tokens, plus a
-    few ids its tokenizer does not know, as some published checkpoints pad their vocabulary)."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
-
-    config = json.loads((folder / "config.json").read_text())
-    if config["vocab_size"] >= rows:
-        return
-    rng = np.random.default_rng(0)
-    for shard in folder.glob("*.safetensors"):
-        tensors = load_file(shard)
-        for name in ("model.embed_tokens.weight", "lm_head.weight"):
-            if name in tensors:
-                old = tensors[name]
-                extra = rng.normal(0, float(old.std()), (rows - old.shape[0], old.shape[1])).astype(old.dtype)
-                tensors[name] = np.concatenate([old, extra])
-        save_file(tensors, shard, metadata={"format": "pt"})
-    config["vocab_size"] = rows
-    generation = folder / "generation_config.json"
-    if generation.exists():  # a fine-tune's config.json names its own end of turn too
-        config["eos_token_id"] = json.loads(generation.read_text())["eos_token_id"]
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +38,7 @@ def member(hf_checkpoint_factory, tmp_path_factory):
 
     def build(builder, name: str, *args) -> Path:
         if name not in made:
-            folder = tmp_path_factory.mktemp("member") / name
-            folder.mkdir()
-            for path in source.iterdir():
-                if path.name not in TOKENIZER_FILES:
-                    shutil.copyfile(path, folder / path.name)
-            builder(folder, *args)
-            _grow_vocabulary(folder, Tokenizer.from_folder(folder).vocab_size + 6)
-            made[name] = folder
+            made[name] = folders.with_weights(source, tmp_path_factory.mktemp("member") / name, builder, *args)
         return made[name]
 
     return build

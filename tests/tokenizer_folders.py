@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 
 import mistral_common
+import numpy as np
+from safetensors.numpy import load_file, save_file
 
 DATA = Path(mistral_common.__file__).parent / "data"
 V1_MODEL = DATA / "tokenizer.model.v1"
@@ -114,3 +116,43 @@ def chatml(folder: Path, layout: str = "model", legacy: bool = True, tools: bool
         shutil.copyfile(V1_MODEL, folder / "tokenizer.model")
     assert (folder / "tokenizer.model").exists() == (layout == "both")
     return folder
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def with_weights(source: Path, folder: Path, builder, *args) -> Path:
+    """`folder`: the weights of the checkpoint `source` with a family member's tokenizer files
+    (`builder(folder, *args)`), its vocabulary grown to cover them (plus a few ids no tokenizer knows)."""
+    from mlx_mixtral.tokenizer import Tokenizer
+
+    folder.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name not in TOKENIZER_FILES:
+            shutil.copyfile(path, folder / path.name)
+    builder(folder, *args)
+    _grow_vocabulary(folder, Tokenizer.from_folder(folder).vocab_size + 6)
+    return folder
+
+
+def _grow_vocabulary(folder: Path, rows: int) -> None:
+    """Give the checkpoint `rows` embedding and lm_head rows (a fine-tune's added tokens, plus a
+    few ids its tokenizer does not know, as some published checkpoints pad their vocabulary)."""
+    config = json.loads((folder / "config.json").read_text())
+    if config["vocab_size"] >= rows:
+        return
+    rng = np.random.default_rng(0)
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in tensors:
+                old = tensors[name]
+                extra = rng.normal(0, float(old.std()), (rows - old.shape[0], old.shape[1])).astype(old.dtype)
+                tensors[name] = np.concatenate([old, extra])
+        save_file(tensors, shard, metadata={"format": "pt"})
+    config["vocab_size"] = rows
+    generation = folder / "generation_config.json"
+    if generation.exists():  # a fine-tune's config.json names its own end of turn too
+        config["eos_token_id"] = json.loads(generation.read_text())["eos_token_id"]
+    (folder / "config.json").write_text(json.dumps(config))

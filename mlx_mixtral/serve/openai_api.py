@@ -3,17 +3,20 @@
 No HTTP here (that is `server`) and no model (that is `scheduler`): a request body goes in, a
 `Request` with token ids and sampling parameters comes out, or an `APIError` that says in one line
 what is wrong and which field, with the status and error body OpenAI's clients expect. Chat
-requests are encoded with our Mixtral-Instruct v1 encoding (`tokenizer.mistral_format`: exactly
-mistral-common's ids), never with a re-rendered template string.
+requests are encoded in the model's own chat format (`Tokenizer.apply_chat_template`).
 
-Fields OpenAI defines that we cannot honour (n > 1, logprobs, tools, ...) are refused when they
-ask for something, never silently ignored; fields that only describe the caller (`user`,
-`metadata`, `store`, `service_tier`) are accepted and ignored. Any `model` name is served by the
-one model this server holds. Sampling: OpenAI's `frequency_penalty` and `presence_penalty`,
-and `repetition_penalty` (`repeat_penalty`, llama.cpp's and Ollama's name, means the same);
-without `max_tokens` a reply runs until the model stops or the context is full. An empty
-assistant message (a reply stopped before its first token) is left out, so the user messages
-around it join as the chat format joins consecutive messages.
+Fields OpenAI defines that we cannot honour (n > 1, logit_bias, ...) are refused when they ask
+for something, never silently ignored; fields that only describe the caller (`user`, `metadata`,
+`store`, `service_tier`) are accepted and ignored. Any `model` name is served by the one model
+this server holds. Sampling: OpenAI's `frequency_penalty` and `presence_penalty`, and
+`repetition_penalty` (`repeat_penalty`, llama.cpp's and Ollama's name, means the same); without
+`max_tokens` a reply runs until the model stops or the context is full. An empty assistant
+message (a reply stopped before its first token) is left out, so the user messages around it
+join as the chat format joins consecutive messages.
+
+Enforced, never ignored: `response_format` (json_object, json_schema) and `tools` (the model's
+tool syntax, `tokenizer.tool_calls`) hold the reply to a grammar (`constrain`); `logprobs` and
+`top_logprobs` report the log-softmax of the logits the sampler saw.
 """
 
 from __future__ import annotations
@@ -22,28 +25,31 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constrain import Grammar, check, json_grammar, text_grammar, tool_grammar
 from ..errors import MixtralError
 from ..sampling import SamplingParams
+from ..tokenizer import ToolCall, ToolCallReader, ToolSyntax, generic_messages, mistral_call_id, tool_syntax
 
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; llama-server does not limit)
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit)
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' legacy integer logprobs
 # Fields that change nothing at their neutral value, and that we refuse at any other.
 UNSUPPORTED = {
     "n": ((None, 1), "n: only one choice per request is supported; send n=1 (or leave it out)"),
     "best_of": ((None, 1), "best_of: only one candidate per request is supported"),
     "echo": ((None, False), "echo is not supported"),
     "suffix": ((None,), "suffix (insertion) is not supported"),
-    "logprobs": ((None, False), "logprobs are not supported"),
-    "top_logprobs": ((None, 0), "top_logprobs are not supported"),
     "logit_bias": ((None, {}), "logit_bias is not supported"),
     "mirostat": ((None, 0), "mirostat sampling is not supported"),
     "typical_p": ((None, 1, 1.0), "typical_p is not supported"),
-    "tools": ((None, []), "tools (function calling) are not supported"),
-    "functions": ((None, []), "functions (function calling) are not supported"),
-    "tool_choice": ((None, "none", "auto"), "tool_choice is not supported"),
+    "functions": ((None, []), "functions (the deprecated form of tools) are not supported; send tools"),
+    "function_call": ((None, "none", "auto"), "function_call (the deprecated form of tool_choice) is not supported; "
+                      "send tool_choice"),
 }
 
 
@@ -87,6 +93,10 @@ class Request:
     stop: list[str]
     stream: bool
     include_usage: bool
+    grammar: Grammar | None = None  # what the reply is held to (response_format, tools)
+    tools: ToolSyntax | None = None  # the reply is read for tool calls written in this syntax
+    logprobs: int | None = None  # alternatives per token (0: only the chosen token's); None: off
+    shown: tuple[int, ...] = ()  # control ids shown in the reply's text (the tool-call marker)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,10 +178,6 @@ def _refuse_unsupported(body: dict) -> None:
         value = body.get(name)
         if not any(type(value) is type(v) and value == v for v in neutrals):  # 1 but not true, 0 but not 0.5
             raise bad(message, name, "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("response_format: only {\"type\": \"text\"} is supported", "response_format",
-                  "unsupported_parameter")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,11 +186,14 @@ def _refuse_unsupported(body: dict) -> None:
 
 
 def _content(message: dict, i: int) -> str:
-    """A message's text: a string, or a list of text parts (what newer clients send)."""
+    """A message's text: a string, or a list of text parts (what newer clients send); null is ""
+    (an assistant message that only calls tools)."""
     content = message.get("content")
     param = f"messages[{i}].content"
     if isinstance(content, str):
         return content
+    if content is None and (message.get("tool_calls") or message.get("role") == "assistant"):
+        return ""
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -196,8 +205,39 @@ def _content(message: dict, i: int) -> str:
     raise bad(f"{param} must be a string or a list of text parts, got {json.dumps(content)}", param)
 
 
+def _calls(m: dict, i: int) -> list[dict]:
+    """An assistant message's tool_calls, checked, arguments as JSON text."""
+    calls = m.get("tool_calls")
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise bad(f"{param} must be a list of tool calls", param)
+    out = []
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad(f"{param}[{k}] must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                      f"\"arguments\"}}}}", param)
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                raise bad(f"{param}[{k}].function.arguments is not JSON: {arguments[:60]!r}", param) from None
+        elif isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        else:
+            raise bad(f"{param}[{k}].function.arguments must be a JSON string", param)
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise bad(f"{param}[{k}].id must be a non-empty string", param)
+        out.append({"id": call_id, "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments or "{}"}})
+    return out
+
+
 def _messages(body: dict) -> list[dict]:
-    """The conversation as the chat format takes it: roles mapped, contents as text."""
+    """The conversation as the chat formats take it: roles mapped, contents as text, tool calls
+    and tool replies in OpenAI's shape."""
     messages = body.get("messages")
     if messages is None:
         raise bad("messages is required: a list of {role, content} objects", "messages")
@@ -210,13 +250,24 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
         role = m.get("role")
-        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise bad(f"messages[{i}]: tool and function calls are not supported", f"messages[{i}]")
+        if role == "function" or m.get("function_call"):
+            raise bad(f"messages[{i}]: function messages (the deprecated form of tools) are not supported; "
+                      "send tool_calls and role \"tool\"", f"messages[{i}]")
         if role not in ROLES:
             raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
                       f"messages[{i}].role")
         message = {"role": ROLES[role], "content": _content(m, i)}
-        if message["role"] == "assistant" and not message["content"] and not m.get("prefix"):
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = _calls(m, i)
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise bad(f"messages[{i}].tool_call_id is required: the id of the call this answers",
+                          f"messages[{i}].tool_call_id")
+            message["tool_call_id"] = call_id
+            if isinstance(m.get("name"), str):
+                message["name"] = m["name"]
+        elif message["role"] == "assistant" and not message["content"] and not m.get("prefix"):
             continue  # a reply stopped before its first token: as if never asked (its neighbours merge)
         if m.get("prefix") is not None:
             if not isinstance(m["prefix"], bool):
@@ -225,6 +276,142 @@ def _messages(body: dict) -> list[dict]:
                 message["prefix"] = True
         out.append(message)
     return out
+
+
+@dataclass
+class _Tools:
+    """A request's tools, checked: OpenAI tool objects, and what tool_choice asks for."""
+
+    tools: list[dict]
+    choice: str  # "none", "auto" or "required"
+    only: str | None  # the one function a named tool_choice forces
+    parallel: bool
+
+
+def _tools(body: dict) -> _Tools | None:
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise bad("tool_choice needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise bad("tools must be a list of {\"type\": \"function\", \"function\": {...}} objects", "tools")
+    checked, names = [], set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", \"parameters\"}}}}",
+                      f"tools[{i}]")
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+            raise bad(f"tools[{i}].function.name must be 1-64 letters, digits, _ or -, got {json.dumps(name)}",
+                      f"tools[{i}].function.name")
+        if name in names:
+            raise bad(f"tools[{i}]: two tools are named {name}", f"tools[{i}].function.name")
+        names.add(name)
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise bad(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function.parameters")
+        description = function.get("description")
+        checked.append({"type": "function", "function": {
+            "name": name, **({"description": description} if isinstance(description, str) else {}),
+            "parameters": parameters if parameters is not None else {"type": "object", "properties": {}}}})
+    choice, only = body.get("tool_choice", "auto"), None
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        only = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or only not in names:
+            raise bad(f"tool_choice must be none, auto, required or {{\"type\": \"function\", \"function\": "
+                      f"{{\"name\": ...}}}} naming one of the tools ({', '.join(sorted(names))})", "tool_choice")
+        choice = "required"
+    elif choice not in ("none", "auto", "required"):
+        raise bad(f"tool_choice must be none, auto, required or a named function, got {json.dumps(choice)}",
+                  "tool_choice")
+    return _Tools(checked, choice, only, _bool(body, "parallel_tool_calls", True))
+
+
+def _response_format(body: dict) -> Grammar | None:
+    """The grammar `response_format` asks for (compact JSON), or None for text."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar(None, what="response_format json_object")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                      "response_format")
+        return json_grammar(schema, what="response_format json_schema")
+    raise bad(f"response_format type must be text, json_object or json_schema, got {json.dumps(kind)}",
+              "response_format")
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Alternatives per token to report (0: the chosen token's only), or None: no logprobs."""
+    if not chat:  # /v1/completions: an integer, the alternatives
+        n = _number(body, "logprobs", None, integer=True)
+        if n is not None:
+            _in_range("logprobs", n, 0 <= n <= MAX_COMPLETION_LOGPROBS, f"from 0 to {MAX_COMPLETION_LOGPROBS}")
+        return n
+    wanted = _bool(body, "logprobs", False)
+    top = _number(body, "top_logprobs", None, integer=True)
+    if top is not None:
+        _in_range("top_logprobs", top, 0 <= top <= MAX_TOP_LOGPROBS, f"from 0 to {MAX_TOP_LOGPROBS}")
+        if top and not wanted:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _chat_prompt(body: dict, tokenizer) -> tuple[list[int], Grammar | None, ToolSyntax | None]:
+    """The prompt ids of a chat request, the grammar its tools ask for, and the tool syntax its
+    reply is read with (None: no tools, or tool_choice none)."""
+    messages = _messages(body)
+    tools = _tools(body)
+    syntax = tool_syntax(tokenizer.chat_format)
+    native = syntax.native
+    if native:  # Mistral v3 takes 9-character call ids: OpenAI's are mapped, stably
+        for message in messages:
+            for call in message.get("tool_calls", []):
+                call["id"] = mistral_call_id(call["id"])
+            if message.get("tool_calls"):
+                message.pop("content", None)
+            if "tool_call_id" in message:
+                message["tool_call_id"] = mistral_call_id(message["tool_call_id"])
+    elif tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        described = tools is not None and tools.choice != "none"
+        messages = generic_messages(messages, tools.tools if described else [], tools is not None and
+                                    tools.choice == "required", tools.only if tools else None)
+    try:
+        prompt = tokenizer.apply_chat_template(messages, tools=tools.tools if tools and native else None)
+    except MixtralError as e:
+        raise bad(f"messages: {e}", "messages") from None
+    text = _response_format(body)
+    if tools is None:
+        return prompt, text, None
+    for i, tool in enumerate(tools.tools):
+        function = tool["function"]
+        _checked(json_grammar(function["parameters"], what=f"tools[{i}].function.parameters ({function['name']})"),
+                 tokenizer, f"tools[{i}].function.parameters")
+    if tools.choice == "none":
+        return prompt, text or text_grammar(syntax), None
+    grammar = tool_grammar(syntax, tools.tools, tools.choice == "required", tools.only, tools.parallel, text)
+    return prompt, grammar, syntax
+
+
+def _checked(grammar: Grammar | None, tokenizer, param: str) -> Grammar | None:
+    if grammar is not None:
+        try:
+            check(grammar, tokenizer)
+        except MixtralError as e:
+            raise bad(str(e), param, "unsupported_schema") from None
+    return grammar
 
 
 def _completion_prompt(body: dict, tokenizer, vocab: int) -> list[int]:
@@ -283,21 +470,23 @@ def parse(body: Any, chat: bool, tokenizer, served: str, context: int, vocab: in
         _in_range(name, asked, 1 <= asked <= context, f"from 1 to the model's context of {context} tokens")
 
     param = "messages" if chat else "prompt"
+    logprobs = _logprobs(body, chat)
+    syntax = None
     if chat:
-        messages = _messages(body)
-        try:
-            prompt = tokenizer.apply_chat_template(messages)
-        except MixtralError as e:
-            raise bad(f"messages: {e}", "messages") from None
+        prompt, grammar, syntax = _chat_prompt(body, tokenizer)
     else:
-        prompt = _completion_prompt(body, tokenizer, vocab)
+        if body.get("tools"):
+            raise bad("tools are for /v1/chat/completions", "tools")
+        prompt, grammar = _completion_prompt(body, tokenizer, vocab), _response_format(body)
+    _checked(grammar, tokenizer, "tools" if syntax is not None else "response_format")
     if len(prompt) >= context:
         raise bad(f"the {param} takes {len(prompt)} tokens, which leaves no room to answer in the model's "
                   f"context of {context} tokens; shorten it", param, "context_length_exceeded")
     room = context - len(prompt)  # left out: until the model stops or the context is full
     max_tokens = min(room, asked if asked is not None else defaults.max_tokens or room)
     return Request(chat=chat, model=served, prompt=prompt, max_tokens=max_tokens, sampling=sampling,
-                   seed=seed, stop=stop, stream=stream, include_usage=include_usage)
+                   seed=seed, stop=stop, stream=stream, include_usage=include_usage, grammar=grammar, tools=syntax,
+                   logprobs=logprobs, shown=(syntax.marker_id,) if syntax and syntax.marker_id is not None else ())
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,11 +494,17 @@ def parse(body: Any, chat: bool, tokenizer, served: str, context: int, vocab: in
 # --------------------------------------------------------------------------------------------
 
 
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # id, log-probability, best alternatives
+
+
 @dataclass
 class Reply:
-    """What the response to one request is built from, filled in as generation goes."""
+    """One request's response, built as generation goes: `add` each piece of text (returns the
+    stream chunks it makes), `finish` at the end, `complete` for the whole (stream: false).
+    A request with tools has its text read for calls (`ToolCallReader`) as it comes."""
 
     request: Request
+    token_bytes: Callable[[int], bytes]
     id: str = ""
     created: int = 0
     text: str = ""
@@ -317,10 +512,19 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    _unsent: list[TokenLogprob] = field(default_factory=list)  # logprobs not in a chunk yet
+    _reader: ToolCallReader | None = None
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.request.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = self.created or int(time.time())
+        if self.request.tools is not None:
+            self._reader = ToolCallReader(self.request.tools)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self._reader.calls if self._reader is not None else []
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -328,28 +532,93 @@ class Reply:
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
+    # -- as generation goes ----------------------------------------------------------------
+
+    def add(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> list[dict[str, Any]]:
+        """Take a piece of the reply; return the stream chunks it makes."""
+        self.logprobs += logprobs
+        self._unsent += logprobs
+        events = self._reader.feed(text) if self._reader is not None else [("content", text)] if text else []
+        return [self._event_chunk(event) for event in events]
+
+    def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               cached_tokens: int) -> list[dict[str, Any]]:
+        """The end: text held back as a possible tool-call marker, then the finish chunk."""
+        chunks = [self._event_chunk(e) for e in self._reader.finish()] if self._reader is not None else []
+        self.finish_reason = "tool_calls" if self.tool_calls and finish_reason == "stop" else finish_reason
+        self.prompt_tokens, self.completion_tokens, self.cached_tokens = prompt_tokens, completion_tokens, cached_tokens
+        return [*chunks, self.chunk(finish_reason=self.finish_reason)]
+
+    def _event_chunk(self, event: tuple) -> dict[str, Any]:
+        kind = event[0]
+        if kind == "content":
+            self.text += event[1]
+            return self.chunk(event[1])
+        call: ToolCall = event[1]
+        if kind == "call":
+            delta = {"index": call.index, "id": call.id, "type": "function",
+                     "function": {"name": call.name, "arguments": ""}}
+        else:
+            delta = {"index": call.index, "function": {"arguments": event[2]}}
+        return self.chunk(tool_call=delta)
+
+    # -- shapes ------------------------------------------------------------------------------
+
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.request.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.request.model}
 
+    def _logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for `entries`: chat's `content` list, or completions' legacy lists."""
+        if self.request.logprobs is None:
+            return None
+        token = lambda i: self.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
+        if self.request.chat:
+            return {"content": [{"token": token(t), "logprob": lp, "bytes": list(self.token_bytes(t)),
+                                 "top_logprobs": [{"token": token(a), "logprob": alp, "bytes": list(self.token_bytes(a))}
+                                                  for a, alp in top]} for t, lp, top in entries], "refusal": None}
+        offsets, at = [], len(self.text) - sum(len(token(t)) for t, _, _ in entries)
+        for t, _, _ in entries:
+            offsets.append(max(at, 0))
+            at += len(token(t))
+        return {"tokens": [token(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{token(a): alp for a, alp in top} for _, _, top in entries], "text_offset": offsets}
+
+    def _message(self) -> dict[str, Any]:
+        """The whole assistant message; a call cut short by max_tokens is left out (its arguments
+        would not parse), and finish_reason "length" says the reply was cut."""
+        calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                 for c in self.tool_calls if _parses(c.arguments)]
+        message: dict[str, Any] = {"role": "assistant", "content": self.text if self.text or not calls else None}
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
     def complete(self) -> dict[str, Any]:
         """The whole response (stream: false)."""
+        logprobs = self._logprobs(self.logprobs)
         if self.request.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": self.text},
-                      "logprobs": None, "finish_reason": self.finish_reason}
+            choice = {"index": 0, "message": self._message(), "logprobs": logprobs, "finish_reason": self.finish_reason}
         else:
-            choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": self.finish_reason}
+            choice = {"index": 0, "text": self.text, "logprobs": logprobs, "finish_reason": self.finish_reason}
         return {**self._envelope(False), "choices": [choice], "usage": self.usage}
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
-        """One streamed event: a piece of text, the opening role (chat), or the finish reason."""
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False,
+              tool_call: dict | None = None) -> dict[str, Any]:
+        """One streamed event: a piece of text or of a tool call, the opening role (chat), or the
+        finish reason; with the logprobs of the tokens not sent yet."""
+        logprobs = None
+        if not first and self._unsent:
+            logprobs, self._unsent = self._logprobs(self._unsent), []
         if self.request.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            if tool_call is not None:
+                delta["tool_calls"] = [tool_call]
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         out = {**self._envelope(True), "choices": [choice]}
         if self.request.include_usage:
             out["usage"] = None  # OpenAI: every chunk has it, null until the last
@@ -358,6 +627,14 @@ class Reply:
     def usage_chunk(self) -> dict[str, Any]:
         """The last event of a stream with include_usage: no choices, the usage."""
         return {**self._envelope(True), "choices": [], "usage": self.usage}
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

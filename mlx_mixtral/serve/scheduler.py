@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constrain import Grammar
 from ..errors import MixtralError
 from ..generate import stream_generate
 from ..sampling import SamplingParams
@@ -32,9 +33,11 @@ from ..sampling import SamplingParams
 
 @dataclass
 class Piece:
-    """Text the reply grew by."""
+    """Text the reply grew by, and the tokens it came from (id, log-probability, alternatives)
+    when the request asked for logprobs."""
 
     text: str
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +81,9 @@ class Job:
     seed: int | None
     stop: list[str]
     send: Callable[[Event], None]
+    grammar: Grammar | None = None
+    logprobs: int | None = None
+    shown: tuple[int, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -188,10 +194,14 @@ class Scheduler:
         try:
             for last in stream_generate(self.model, self.tokenizer, fed, max_tokens=job.max_tokens,
                                         sampling=job.sampling, seed=job.seed, stop=job.stop,
-                                        cache=entry.cache, history=entry.ids):
+                                        cache=entry.cache, history=entry.ids, grammar=job.grammar,
+                                        logprobs=job.logprobs, shown=job.shown):
                 if job.cancelled.is_set():
                     break
-                if last.text:
+                ended = last.finish_reason == "stop" and last.token in self.tokenizer.eos_token_ids
+                if last.logprob is not None and not ended:  # (the end-of-sequence token is not reported)
+                    job.send(Piece(last.text, [(last.token, last.logprob, last.top_logprobs)]))
+                elif last.text:
                     job.send(Piece(last.text))
         except MixtralError as e:
             self.counts["failed"] += 1

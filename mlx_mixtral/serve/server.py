@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten
 from ..arguments import add_model_args, add_sampling_args, kv_from_args, load_from_args, sampling_from_args
 from ..distributed.group import single_process
 from ..errors import MixtralError
-from ..tokenizer import BASE_MODEL_NOTE
+from ..tokenizer import BASE_MODEL_NOTE, tool_syntax
 from ..units import gb, parse_size
 from .openai_api import APIError, Defaults, Reply, bad, parse, sse
 from .prompt_pool import PromptPool
@@ -143,23 +143,22 @@ class EventStream:
             yield sse(reply.chunk(first=True))
         while (event := await _next(self.events, gone)) is not None:
             if isinstance(event, Piece):
-                yield sse(reply.chunk(event.text))
+                for chunk in reply.add(event.text, event.logprobs):
+                    yield sse(chunk)
             elif isinstance(event, Failed):
                 yield sse(APIError(event.status, event.message, "server_error").body())
                 return
             elif isinstance(event, Done):
-                _finish(reply, event)
-                yield sse(reply.chunk(finish_reason=event.finish_reason))
+                for chunk in _finish(reply, event):
+                    yield sse(chunk)
                 if reply.request.include_usage:
                     yield sse(reply.usage_chunk())
                 yield sse("[DONE]")
                 return
 
 
-def _finish(reply: Reply, done: Done) -> None:
-    reply.finish_reason = done.finish_reason
-    reply.prompt_tokens, reply.completion_tokens = done.prompt_tokens, done.completion_tokens
-    reply.cached_tokens = done.cached_tokens
+def _finish(reply: Reply, done: Done) -> list[dict[str, Any]]:
+    return reply.finish(done.finish_reason, done.prompt_tokens, done.completion_tokens, done.cached_tokens)
 
 
 def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: str | None = None,
@@ -189,20 +188,21 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(req.prompt, req.max_tokens, req.sampling, req.seed, req.stop,
-                  send=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                  send=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                  grammar=req.grammar, logprobs=req.logprobs, shown=req.shown)
         try:
             scheduler.submit(job)
         except Busy as e:
             raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(e.retry_after)}) from None
-        reply = Reply(req)
+        reply = Reply(req, tokenizer.token_bytes)
         if req.stream:
             return EventStream(reply, job, events)
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             while (event := await _next(events, gone)) is not None:
                 if isinstance(event, Piece):
-                    reply.text += event.text
+                    reply.add(event.text, event.logprobs)
                 elif isinstance(event, Failed):
                     raise APIError(event.status, event.message, "server_error")
                 elif isinstance(event, Done):
@@ -248,12 +248,13 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
         return JSONResponse({"modelfile": "", "parameters": "", "template": "", "details": card["details"],
                              "model_info": {"general.architecture": "mixtral",
                                             "mixtral.context_length": context},
-                             "capabilities": ["completion"], "modified_at": card["modified_at"]})
+                             "capabilities": ["completion", "tools"], "modified_at": card["modified_at"]})
 
     async def health(request: HTTPRequest) -> Response:
         pool = scheduler.pool
         return JSONResponse({
             "status": "ok", "model": served, "chat_format": scheduler.tokenizer.chat_format.name,
+            "tool_calls": tool_syntax(scheduler.tokenizer.chat_format).name,
             "active": scheduler.active is not None,
             "queued": scheduler.queued, **scheduler.counts,
             "prompt_cache": {"conversations": len(pool.entries), "bytes": pool.nbytes, "budget": pool.budget},

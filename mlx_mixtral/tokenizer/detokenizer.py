@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,8 +28,9 @@ class StreamingDetokenizer:
     apply. Every id is decoded once, so a whole sequence costs linear time.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, shown: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
+        self._shown = {int(t): tokenizer.token_bytes(int(t)).decode() for t in shown}
         self._sp = tokenizer._sp
         self._tokens: list[int] = []
         self._pending: list[int] = []  # byte ids whose text is not final yet
@@ -40,7 +42,9 @@ class StreamingDetokenizer:
         """Add one id; return the text it made final (may be "", e.g. half of a CJK character)."""
         token = int(token)
         self._tokens.append(token)
-        own = self._tokenizer.id_to_text(token)
+        own = self._shown.get(token)
+        if own is None:
+            own = self._tokenizer.id_to_text(token)
         if own is not None:
             text = self._emit()
             self._chunks.append(own)

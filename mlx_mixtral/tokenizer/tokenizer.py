@@ -188,6 +188,21 @@ class Tokenizer:
             return "" if added.special else added.content
         return f"<unk {token}>"
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes `token` stands for in text: a piece's UTF-8 with "▁" as a space, a byte piece's
+        byte, an added token's content; a control or special token gives its name (as logprobs and
+        constrained decoding show it), an unknown id b"". Whether a piece's "▁" shows at the very
+        start of a text is the decoder's business, not this."""
+        added = self.added.get(token)
+        if added is not None:
+            return added.content.encode()
+        if not 0 <= token < self.sp_vocab_size:
+            return b""
+        piece = self._sp.id_to_piece(token)
+        if self._sp.IsByte(token):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(SPACE, " ").encode()
+
     def token_id(self, text: str) -> int | None:
         """The single id that `text` is (an added token or a sentencepiece piece), or None."""
         if text in self._by_text:
@@ -202,9 +217,10 @@ class Tokenizer:
             return added.special
         return 0 <= token < self.sp_vocab_size and self._sp.IsControl(token)
 
-    def detokenizer(self) -> StreamingDetokenizer:
-        """A fresh streaming detokenizer for one generated sequence."""
-        return StreamingDetokenizer(self)
+    def detokenizer(self, shown: Sequence[int] = ()) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer for one generated sequence; the control ids in `shown`
+        appear as their names (a reply read for tool calls sees where `[TOOL_CALLS]` was)."""
+        return StreamingDetokenizer(self, shown)
 
     # --- chat --------------------------------------------------------------------------------
 

@@ -1,0 +1,128 @@
+"""Grammars for what a reply may be, written as llguidance's Lark: JSON (any object, or one that
+matches a JSON schema), and tool calls in the syntax a model writes them (`ToolSyntax`).
+
+JSON is written on one line with fixed separators (compact by default: `{"a":1,"b":[2,3]}`); a
+grammar that allows any whitespace lets a model emit whitespace until it runs out of tokens. One
+optional space may come first, because a sentencepiece reply's first piece usually carries "▁".
+
+A tool-call grammar allows either text (or the response format's JSON) or the calls: the
+syntax's marker, then a JSON list of `{"name": ..., "arguments": ...}` objects, written as the
+model was trained to write them (`json.dumps`'s separators), each tool's arguments held to its
+own parameters schema (kept whole as a root schema, so its `$defs` and `$ref`s still resolve).
+Text that merely starts like the marker is not allowed, so a reply is calls or text, never both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import MixtralError
+from ..tokenizer import ToolSyntax
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
+
+COMPACT = (",", ":")
+DUMPS = (", ", ": ")  # json.dumps's: how Mistral's training data writes tool calls
+_ANY_OBJECT = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A Lark grammar for llguidance, and what it constrains (for error messages)."""
+
+    lark: str
+    what: str
+
+
+def _json_rule(name: str, schema: dict, separators: tuple[str, str]) -> str:
+    """`name: %json {...}`: llguidance's JSON schema rule, whitespace fixed to `separators`."""
+    options = {"whitespace_flexible": False, "item_separator": separators[0], "key_separator": separators[1]}
+    return f"{name}: %json {json.dumps({**schema, 'x-guidance': options})}"
+
+
+def _schema(value: Any, what: str) -> dict:
+    if value is True or value is None:
+        return dict(_ANY_OBJECT)
+    if not isinstance(value, dict):
+        raise MixtralError(f"{what} must be a JSON schema object, got {json.dumps(value)[:60]}")
+    return value
+
+
+def json_grammar(schema: dict | bool | None = None, separators: tuple[str, str] = COMPACT,
+                 what: str = "the JSON schema") -> Grammar:
+    """Any JSON object (`schema` None or True) or JSON matching `schema`."""
+    return Grammar(f'start: " "? body\n{_json_rule("body", _schema(schema, what), separators)}\n', what)
+
+
+def text_grammar(syntax: ToolSyntax) -> Grammar:
+    """Text only, no tool call: the reply of a request with tool_choice "none"."""
+    return Grammar(f"start: TEXT\n{_text_lexeme(syntax)}\n", "tool_choice none")
+
+
+def tool_grammar(syntax: ToolSyntax, tools: Sequence[dict], required: bool, only: str | None = None,
+                 parallel: bool = True, text: Grammar | None = None) -> Grammar:
+    """Calls to `tools` (OpenAI tool objects) in `syntax`; or, unless `required` (or `only`, the one
+    function to call), text: plain, or `text`'s JSON when a response format is set too."""
+    rules = []
+    names = []
+    for index, tool in enumerate(tools):
+        function = tool["function"]
+        if only is not None and function["name"] != only:
+            continue
+        names.append(f"call_{index}")
+        opening = json.dumps({"name": function["name"], "arguments": 0})[:-2]  # '{"name": "f", "arguments": '
+        rules.append(f'call_{index}: {json.dumps(opening)} args_{index} "}}"')
+        rules.append(_json_rule(f"args_{index}", _schema(function.get("parameters"), f"tools[{index}].parameters"),
+                                DUMPS))
+    if not names:
+        raise MixtralError(f"tool_choice names {only!r}, which is not among the tools")
+    more = f' ("{DUMPS[0]}" call)*' if parallel else ""
+    mark = f"<[{syntax.marker_id}]> \" \"?" if syntax.marker_id is not None else "MARK"
+    lines = [f'calls: {mark} "[" call{more} "]"', f"call: {' | '.join(names)}", *rules]
+    if syntax.marker_id is None:
+        lines.append(f"MARK: / ?{_escape(syntax.marker)} ?/")
+    if required or only is not None:
+        start = "start: calls"
+    elif text is not None:
+        start = "start: reply | calls"
+        lines += [line.replace("start:", "reply:", 1) for line in text.lark.splitlines() if line]
+    else:
+        start = "start: TEXT | calls"
+        lines.append(_text_lexeme(syntax))
+    return Grammar("\n".join([start, *lines]) + "\n", "the tools' parameters")
+
+
+def _text_lexeme(syntax: ToolSyntax) -> str:
+    """Any text that does not start (after whitespace) with the marker typed as text."""
+    return f"TEXT: /(?s:.*)/ & ~/(?s:\\s*{_escape(syntax.marker)}.*)/"
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + c if not c.isalnum() else c for c in text)
+
+
+def check(grammar: Grammar, tokenizer: Tokenizer) -> None:
+    """Raise a one-line MixtralError naming what llguidance cannot compile in `grammar`."""
+    import llguidance  # on first use (see vocabulary)
+
+    from .vocabulary import llg_tokenizer
+
+    error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(grammar.lark),
+                                                  llg_tokenizer(tokenizer))
+    if error:
+        raise MixtralError(f"{grammar.what} cannot be enforced: {one_line(error)}")
+
+
+def one_line(error: str) -> str:
+    """llguidance's message in one line: its first line, plus the line saying what failed."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    lines[0] = re.sub(r"^at \d+\(\d+\): ", "", lines[0])  # where in our Lark text: not the user's business
+    detail = next((line for line in lines[1:] if line.startswith("error:")), None)
+    return lines[0].rstrip(":") + (f" ({detail.removeprefix('error:').strip()})" if detail else "")
