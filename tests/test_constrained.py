@@ -77,7 +77,8 @@ def members(hf_checkpoint_factory, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("constrained")
     return {"v3": folders.with_weights(source, root / "v3", folders.instruct_v3),
             "v1": folders.with_weights(source, root / "v1", folders.instruct_v1),
-            "chatml": folders.with_weights(source, root / "chatml", folders.chatml, "model")}
+            "chatml": folders.with_weights(source, root / "chatml", folders.chatml, "model"),
+            "hermes": folders.with_weights(source, root / "hermes", folders.hermes)}
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +154,11 @@ def test_a_schema_llguidance_cannot_compile_is_named_in_one_line(loaded, schema,
     assert needle in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("member", ["v3", "v1", "chatml"])
+@pytest.mark.parametrize("member", ["v3", "v1", "chatml", "hermes"])
 def test_a_required_call_is_written_in_the_models_syntax(loaded, member):
     model, tokenizer = loaded(member)
     syntax = tool_syntax(tokenizer.chat_format)
-    assert syntax.native == (member == "v3")
+    assert syntax.native == (member in ("v3", "hermes"))
     if syntax.native:
         prompt = tokenizer.apply_chat_template(ASK, tools=TOOLS)
     else:
@@ -168,12 +169,37 @@ def test_a_required_call_is_written_in_the_models_syntax(loaded, member):
     *_, last = replies = list(mlx_mixtral.stream_generate(model, tokenizer, prompt, max_tokens=80, grammar=grammar,
                                                           sampling=SamplingParams(temp=1.0), seed=3, shown=shown))
     text = "".join(r.text for r in replies).lstrip()
-    assert last.finish_reason == "stop" and text.startswith("[TOOL_CALLS]")
+    assert last.finish_reason == "stop" and text.startswith(syntax.marker)
     if syntax.marker_id is not None:
         assert last.tokens[0] == syntax.marker_id  # the control token, not the words
-    (call,) = json.loads(text.removeprefix("[TOOL_CALLS]"))
+    body = text.removeprefix(syntax.marker)
+    if member == "hermes":  # <tool_call>\n{...}\n</tool_call>, as its template writes a call
+        assert body.startswith("\n{") and body.endswith("}\n</tool_call>")
+        call = json.loads(body.removesuffix("</tool_call>"))
+    else:
+        (call,) = json.loads(body)
     tool = {"get_weather": WEATHER, "search": SEARCH}[call["name"]]
     jsonschema.validate(call["arguments"], tool["function"]["parameters"])
+
+
+def test_a_templates_own_tool_syntax_is_read_off_its_rendering(loaded):
+    """Hermes-style: tools rendered by the template (the ids transformers gives), calls in
+    <tool_call> tags; a template that renders tools but no calls gets the generic syntax."""
+    from transformers import AutoTokenizer
+
+    _, tokenizer = loaded("hermes")
+    syntax = tool_syntax(tokenizer.chat_format)
+    assert (syntax.marker, syntax.opening, syntax.between, syntax.closing) == \
+        ("<tool_call>", "\n", "\n</tool_call>\n<tool_call>\n", "\n</tool_call>")
+    hf = AutoTokenizer.from_pretrained(tokenizer.files.folder)
+    messages = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    reference = hf.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=True)
+    reference = reference["input_ids"] if hasattr(reference, "keys") else reference
+    assert tokenizer.apply_chat_template(messages, tools=TOOLS) == list(reference)
+    _, abridged = loaded("chatml")
+    assert tool_syntax(abridged.chat_format) is GENERIC
 
 
 def test_generic_prompt_describes_the_tools_and_rewrites_earlier_calls():
@@ -212,7 +238,7 @@ def test_logprobs_are_the_log_softmax_of_the_logits(loaded):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["v3", "v1"])
+@pytest.fixture(scope="module", params=["v3", "v1", "hermes"])
 def server(request, members):
     s = Server(members[request.param])
     s.member = request.param
@@ -347,7 +373,7 @@ def test_langchain_bind_tools_and_structured_output(server):
         city: str = Field(max_length=12)
         unit: Literal["celsius", "fahrenheit"]
 
-    message = llm.bind_tools([GetWeather], tool_choice="required", parallel_tool_calls=False).invoke(
+    message = llm.bind_tools([GetWeather], tool_choice="required", parallel_tool_calls=False, strict=True).invoke(
         "What is the weather in Paris?")
     assert len(message.tool_calls) == 1 and message.tool_calls[0]["name"] == "GetWeather"
     GetWeather(**message.tool_calls[0]["args"])

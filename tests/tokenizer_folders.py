@@ -50,6 +50,25 @@ CHATML_TOOL_TEMPLATE = (
     "{% endif %}" + CHATML_TEMPLATE
 )
 
+# Hermes-2-Pro's tool-use template (abridged): tools in <tools>, each call in <tool_call> tags,
+# results as <tool_response> in a "tool" turn; <tool_call> and </tool_call> are added tokens.
+HERMES_TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou are a function calling AI model. You are provided with function "
+    "signatures within <tools></tools> XML tags: <tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools> "
+    "For each function call return a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags.<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls is defined and message.tool_calls %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{%- for tool_call in message.tool_calls %}{{ '\n' if not loop.first else '' }}{{ '<tool_call>\n' }}"
+    '{"name": "{{ tool_call.function.name }}", "arguments": {{ tool_call.function.arguments | tojson }}}'
+    "{{ '\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\n' }}"
+    "{%- elif message.role == 'tool' %}{{ '<|im_start|>tool\n<tool_response>\n' + message.content + "
+    "'\n</tool_response><|im_end|>\n' }}"
+    "{%- else %}{{ '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{% endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 def _entry(content: str, special: bool) -> dict:
     return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -92,10 +111,20 @@ def chatml(folder: Path, layout: str = "model", legacy: bool = True, tools: bool
     """A ChatML fine-tune's tokenizer files in `layout` ("model", "json" or "both")."""
     template = ([{"name": "default", "template": CHATML_TEMPLATE}, {"name": "tool_use", "template": CHATML_TOOL_TEMPLATE}]
                 if tools else CHATML_TEMPLATE)
-    added = {"32000": _entry("<|im_end|>", True), "32001": _entry("<|im_start|>", False)}
+    return _chatml(folder, layout, legacy, template)
+
+
+def hermes(folder: Path) -> Path:
+    """A Hermes-2-Pro-style fine-tune: ChatML plus a template with tools and <tool_call> tags."""
+    return _chatml(folder, "model", True, HERMES_TOOL_TEMPLATE,
+                   {"32002": _entry("<tool_call>", False), "32003": _entry("</tool_call>", False)})
+
+
+def _chatml(folder: Path, layout: str, legacy: bool, template, more: dict | None = None) -> Path:
+    added = {"32000": _entry("<|im_end|>", True), "32001": _entry("<|im_start|>", False), **(more or {})}
     source = folder.with_name(folder.name + "-source") if layout != "model" else folder
     _write(source, _config("<|im_end|>", template, added, legacy), V1_MODEL)
-    (source / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 32000, "<|im_start|>": 32001}))
+    (source / "added_tokens.json").write_text(json.dumps({entry["content"]: int(i) for i, entry in added.items()}))
     (source / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>"}))
     (source / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 32000}))

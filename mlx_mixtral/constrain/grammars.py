@@ -75,17 +75,20 @@ def tool_grammar(syntax: ToolSyntax, tools: Sequence[dict], required: bool, only
         if only is not None and function["name"] != only:
             continue
         names.append(f"call_{index}")
-        opening = json.dumps({"name": function["name"], "arguments": 0})[:-2]  # '{"name": "f", "arguments": '
-        rules.append(f'call_{index}: {json.dumps(opening)} args_{index} "}}"')
+        opening = json.dumps({"name": function["name"], "arguments": 0}, separators=syntax.separators)[:-2]
+        rules.append(f'call_{index}: {json.dumps(opening)} args_{index} "}}"')  # '{"name": "f", "arguments": '
         rules.append(_json_rule(f"args_{index}", _schema(function.get("parameters"), f"tools[{index}].parameters"),
-                                DUMPS))
+                                syntax.separators))
     if not names:
         raise MixtralError(f"tool_choice names {only!r}, which is not among the tools")
-    more = f' ("{DUMPS[0]}" call)*' if parallel else ""
-    mark = f"<[{syntax.marker_id}]> \" \"?" if syntax.marker_id is not None else "MARK"
-    lines = [f'calls: {mark} "[" call{more} "]"', f"call: {' | '.join(names)}", *rules]
+    more = f" ({_literal(syntax.between, syntax)} call)*" if parallel else ""
+    optional_space = '" "? ' if syntax.opening.startswith(" ") else ""
+    opening = optional_space + _literal(syntax.opening.removeprefix(" ") if optional_space else syntax.opening, syntax)
+    mark = f"<[{syntax.marker_id}]>" if syntax.marker_id is not None else "MARK"
+    lines = [f"calls: {mark} {opening} call{more} {_literal(syntax.closing, syntax)}", f"call: {' | '.join(names)}",
+             *rules]
     if syntax.marker_id is None:
-        lines.append(f"MARK: / ?{_escape(syntax.marker)} ?/")
+        lines.append(f"MARK: / ?{_escape(syntax.marker)}/")
     if required or only is not None:
         start = "start: calls"
     elif text is not None:
@@ -97,13 +100,26 @@ def tool_grammar(syntax: ToolSyntax, tools: Sequence[dict], required: bool, only
     return Grammar("\n".join([start, *lines]) + "\n", "the tools' parameters")
 
 
+def _literal(text: str, syntax: ToolSyntax) -> str:
+    """`text` as Lark: quoted literals, with the marker as its special id where it has one."""
+    if syntax.marker_id is None:
+        return json.dumps(text) if text else '""'
+    parts = [json.dumps(part) if part else "" for part in text.split(syntax.marker)]
+    return f" <[{syntax.marker_id}]> ".join(parts).strip() or '""'
+
+
 def _text_lexeme(syntax: ToolSyntax) -> str:
     """Any text that does not start (after whitespace) with the marker typed as text."""
     return f"TEXT: /(?s:.*)/ & ~/(?s:\\s*{_escape(syntax.marker)}.*)/"
 
 
+_REGEX_SPECIAL = set("\\.+*?()|[]{}^$#&-~/")
+
+
 def _escape(text: str) -> str:
-    return "".join("\\" + c if not c.isalnum() else c for c in text)
+    """`text` matched literally inside a Lark /regex/ (only the characters that mean something are
+    escaped: an escaped letter or `<` means something else to llguidance's regex engine)."""
+    return "".join("\\" + c if c in _REGEX_SPECIAL else {"\n": "\\n", "\t": "\\t"}.get(c, c) for c in text)
 
 
 def check(grammar: Grammar, tokenizer: Tokenizer) -> None:

@@ -376,14 +376,18 @@ def _chat_prompt(body: dict, tokenizer) -> tuple[list[int], Grammar | None, Tool
     tools = _tools(body)
     syntax = tool_syntax(tokenizer.chat_format)
     native = syntax.native
-    if native:  # Mistral v3 takes 9-character call ids: OpenAI's are mapped, stably
-        for message in messages:
+    if native and tokenizer.chat_format.kind == "mistral-v3":
+        for message in messages:  # v3 takes 9-character call ids: OpenAI's are mapped, stably
             for call in message.get("tool_calls", []):
                 call["id"] = mistral_call_id(call["id"])
             if message.get("tool_calls"):
                 message.pop("content", None)
             if "tool_call_id" in message:
                 message["tool_call_id"] = mistral_call_id(message["tool_call_id"])
+    elif native:  # a template renders arguments as objects (transformers' convention)
+        for message in messages:
+            for call in message.get("tool_calls", []):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"] or "{}")
     elif tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
         described = tools is not None and tools.choice != "none"
         messages = generic_messages(messages, tools.tools if described else [], tools is not None and

@@ -94,6 +94,11 @@ class TemplateFormat:
             text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
         return text
 
+    def special_id(self, text: str) -> int | None:
+        """The id of `text` when it is a special added token (which decodes to nothing), else None."""
+        token = self._tokenizer.token_id(text)
+        return token if token is not None and token in self._tokenizer.added and self._tokenizer.is_control(token) else None
+
     def _template(self, name: str):
         if name not in self._compiled:
             self._compiled[name] = _compile(self.templates[name], self.origin)

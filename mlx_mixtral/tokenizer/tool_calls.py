@@ -17,7 +17,9 @@ text (`Tokenizer.detokenizer(shown=...)`), by `ToolCallReader`, as it streams.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import secrets
 import string
 from collections.abc import Sequence
@@ -30,23 +32,98 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 
 @dataclass(frozen=True)
 class ToolSyntax:
-    """How one model writes tool calls (see the module docstring)."""
+    """How one model writes tool calls: `marker`, `opening`, the calls (JSON objects `{"name": ...,
+    "arguments": ...}` written with `separators`) joined by `between`, then `closing`. A single
+    space that starts `opening` is optional (a sentencepiece reply's "▁" habit)."""
 
     name: str
     marker: str = MARKER
-    marker_id: int | None = None  # the control id that writes the marker; None: written as text
+    marker_id: int | None = None  # the special id that writes the marker; None: written as text
     native: bool = False  # the chat format renders tools itself; else `generic_messages` describes them
+    opening: str = " ["
+    between: str = ", "
+    closing: str = "]"
+    separators: tuple[str, str] = (", ", ": ")
+
+    @property
+    def listed(self) -> bool:
+        """Whether the calls are one JSON list (else each object stands in its own wrapper)."""
+        return self.opening.endswith("[")
 
 
 GENERIC = ToolSyntax("generic: tools described in a system message, calls written as [TOOL_CALLS] [...]")
 
 
+@functools.lru_cache(maxsize=8)
 def tool_syntax(chat_format) -> ToolSyntax:
-    """The syntax a model with this chat format gets."""
+    """The syntax a model with this chat format gets: Mistral v3's control token; a template's own
+    syntax when it renders tools and calls in a form we can read back (`probe_syntax`); else the
+    generic one."""
     if chat_format.tool_calls_id is not None:
         return ToolSyntax("Mistral v3: [AVAILABLE_TOOLS] and the [TOOL_CALLS] control token",
                           marker_id=chat_format.tool_calls_id, native=True)
+    if chat_format.kind == "template" and chat_format.supports_tools:
+        return probe_syntax(chat_format) or GENERIC
     return GENERIC
+
+
+_PROBE_TOOL = {"type": "function", "function": {"name": "probe_function", "description": "A probe.", "parameters": {
+    "type": "object", "properties": {"probe_argument": {"type": "integer"}}, "required": ["probe_argument"]}}}
+
+
+def _probe_calls(n: int) -> list[dict]:
+    return [{"id": f"probe{i}abc", "type": "function",
+             "function": {"name": "probe_function", "arguments": {"probe_argument": i + 1}}} for i in range(n)]
+
+
+def probe_syntax(template) -> ToolSyntax | None:
+    """The call syntax a chat template writes, read off its own rendering of one and of two calls
+    (after the generation prompt): the text before, between and after the call objects. None when
+    the template renders no calls, or calls we could not hold to a grammar (another key order,
+    arguments as a string, a marker that is not at the start)."""
+    ask = [{"role": "user", "content": "Probe?"}]
+    try:
+        head = template.render(ask, [_PROBE_TOOL], True)
+        one, two = (template.render([*ask, {"role": "assistant", "content": "", "tool_calls": _probe_calls(n)}],
+                                    [_PROBE_TOOL], False) for n in (1, 2))
+    except Exception:  # noqa: BLE001 - a template that cannot render calls: the generic syntax
+        return None
+    if not one.startswith(head) or not two.startswith(head):  # the reply must follow the generation prompt
+        return None
+    one, two = one[len(head):], two[len(head):]
+    found1, found2 = _objects(one), _objects(two)
+    if len(found1) != 1 or len(found2) != 2:
+        return None
+    (start, end, raw), (_, end_a, _), (start_b, _, _) = found1[0], *found2
+    separators = next((seps for seps in ((", ", ": "), (",", ":"))
+                       if raw == json.dumps({"name": "probe_function", "arguments": {"probe_argument": 1}},
+                                            separators=seps)), None)
+    prefix, between, after = one[:start], two[end_a:start_b], one[end:]
+    marker = prefix.strip().rstrip("[").strip()
+    if separators is None or not marker or not prefix.startswith(marker) or not two.startswith(prefix):
+        return None
+    closing = os.path.commonprefix([after, between]) if not prefix.rstrip().endswith("[") else "]"
+    if not after.startswith(closing):
+        return None
+    return ToolSyntax(f"the template's own: {prefix.strip()} ... {closing.strip()}", marker=marker,
+                      marker_id=template.special_id(marker), native=True, opening=prefix[len(marker):],
+                      between=between, closing=closing, separators=separators)
+
+
+def _objects(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, text) of each JSON object in `text` that is a probe call."""
+    decoder = json.JSONDecoder()
+    found, at = [], 0
+    while (at := text.find("{", at)) >= 0:
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            at += 1
+            continue
+        if isinstance(value, dict) and list(value) == ["name", "arguments"] and value["name"] == "probe_function":
+            found.append((at, end, text[at:end]))
+        at = end
+    return found
 
 
 def new_call_id() -> str:
@@ -121,10 +198,12 @@ class ToolCall:
     arguments: str = ""
 
 
-def scan_calls(text: str) -> tuple[list[tuple[str, str]], bool]:
-    """The calls in `text`, a JSON list of `{"name": ..., "arguments": {...}}` that may be cut
-    anywhere: (name, the arguments' JSON text so far) for each call whose name is complete, and
-    whether the list is closed. Arguments are the exact text the model wrote."""
+def scan_calls(text: str, listed: bool = True) -> tuple[list[tuple[str, str]], bool]:
+    """The calls in `text`, a JSON list of `{"name": ..., "arguments": {...}}` (or, not `listed`,
+    such objects each in its wrapper text) that may be cut anywhere: (name, the arguments' JSON
+    text so far) for each call whose name is complete, and whether the list is closed. Arguments
+    are the exact text the model wrote."""
+    base = 1 if listed else 0  # the depth at which call objects open
     calls: list[tuple[str, str]] = []
     depth, string_start, escaped = 0, None, False
     key = None
@@ -138,28 +217,29 @@ def scan_calls(text: str) -> tuple[list[tuple[str, str]], bool]:
                 escaped = True
             elif char == '"':
                 value, string_start = text[string_start + 1:i], None
-                if depth == 2 and arguments_start is None:
+                if depth == base + 1 and arguments_start is None:
                     if not expect_value:
                         key = value
                     elif key == "name":
                         calls.append((value, ""))
             continue
         if char == '"':
-            string_start = i
+            if depth > 0:  # (wrapper text between objects is not JSON)
+                string_start = i
         elif char in "[{":
-            if depth == 2 and expect_value and key == "arguments" and calls:
+            if depth == base + 1 and expect_value and key == "arguments" and calls:
                 arguments_start = i
-            elif depth == 1:  # a call object opens
+            elif depth == base:  # a call object opens
                 key, expect_value = None, False
             depth += 1
         elif char in "]}":
             depth -= 1
-            if arguments_start is not None and depth == 2:
+            if arguments_start is not None and depth == base + 1:
                 calls[-1] = (calls[-1][0], text[arguments_start:i + 1])
                 arguments_start = None
-            if depth == 0:
+            if depth == 0 and listed:
                 return calls, True
-        elif depth == 2 and arguments_start is None:
+        elif depth == base + 1 and arguments_start is None:
             if char == ":":
                 expect_value = True
             elif char == ",":
@@ -207,7 +287,7 @@ class ToolCallReader:
         return []
 
     def _calls(self) -> list[tuple]:
-        scanned, self.complete = scan_calls(self._text)
+        scanned, self.complete = scan_calls(self._text, self.syntax.listed)
         events: list[tuple] = []
         for index, (name, arguments) in enumerate(scanned):
             if index == len(self.calls):
