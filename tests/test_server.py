@@ -146,6 +146,12 @@ def test_server_defaults_apply_to_fields_left_out(server, local, reference):
     assert r["choices"][0]["message"]["content"] == expected(local, mistral_ids(reference, messages), 16)
 
 
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens", "n_predict", "num_predict"])
+def test_every_clients_name_for_max_tokens(server, name):
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], name: 3}).json()
+    assert r["usage"]["completion_tokens"] == 3 and r["choices"][0]["finish_reason"] == "length"
+
+
 def test_curl_streams_server_sent_events(server, local, reference):
     messages = [{"role": "user", "content": "Say something."}]
     body = json.dumps({"model": NAME, "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True})
@@ -228,6 +234,9 @@ BAD = [
     ("/v1/chat/completions", {"messages": USER, "repeat_penalty": 1.1, "repetition_penalty": 1.2}, 400,
      "repeat_penalty", "same setting"),
     ("/v1/chat/completions", {"messages": USER, "mirostat": 2}, 400, "mirostat", "not supported"),
+    ("/v1/chat/completions", {"messages": USER, "tfs_z": 0.9}, 400, "tfs_z", "not supported"),
+    ("/v1/chat/completions", {"messages": USER, "repeat_last_n": 128}, 400, "repeat_last_n", "last 64"),
+    ("/v1/chat/completions", {"messages": USER, "n_predict": 0}, 400, "n_predict", "from 1"),
     ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "yaml"}}, 400,
      "response_format", "json_object"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs", "from 0 to 5"),

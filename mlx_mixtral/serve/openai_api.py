@@ -31,9 +31,10 @@ from typing import Any
 
 from ..constrain import Grammar, check, json_grammar, text_grammar, tool_grammar
 from ..errors import MixtralError
-from ..sampling import SamplingParams
+from ..sampling import REPETITION_WINDOW, SamplingParams
 from ..tokenizer import ToolCall, ToolCallReader, ToolSyntax, generic_messages, mistral_call_id, tool_syntax
 
+MAX_TOKENS_NAMES = ("max_completion_tokens", "max_tokens", "n_predict", "num_predict")
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; llama-server does not limit)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit)
@@ -47,6 +48,13 @@ UNSUPPORTED = {
     "logit_bias": ((None, {}), "logit_bias is not supported"),
     "mirostat": ((None, 0), "mirostat sampling is not supported"),
     "typical_p": ((None, 1, 1.0), "typical_p is not supported"),
+    # llama.cpp's other samplers, which Open WebUI and others pass through
+    "tfs_z": ((None, 1, 1.0), "tfs_z (tail-free sampling) is not supported"),
+    "dynatemp_range": ((None, 0, 0.0), "dynatemp_range (dynamic temperature) is not supported"),
+    "xtc_probability": ((None, 0, 0.0), "xtc_probability (XTC sampling) is not supported"),
+    "dry_multiplier": ((None, 0, 0.0), "dry_multiplier (DRY sampling) is not supported"),
+    "repeat_last_n": ((None, REPETITION_WINDOW), f"repeat_last_n: the repetition penalty looks at the last "
+                      f"{REPETITION_WINDOW} tokens; leave it out or send {REPETITION_WINDOW}"),
     "functions": ((None, []), "functions (the deprecated form of tools) are not supported; send tools"),
     "function_call": ((None, "none", "auto"), "function_call (the deprecated form of tool_choice) is not supported; "
                       "send tool_choice"),
@@ -468,7 +476,8 @@ def parse(body: Any, chat: bool, tokenizer, served: str, context: int, vocab: in
     if options and not stream:
         raise bad("stream_options is only allowed with stream: true", "stream_options")
     include_usage = _bool(options or {}, "include_usage", False)
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    # OpenAI's two names, llama.cpp's and Ollama's: the first one sent counts
+    name = next((n for n in MAX_TOKENS_NAMES if body.get(n) is not None), "max_tokens")
     asked = _number(body, name, None, integer=True)
     if asked is not None:
         _in_range(name, asked, 1 <= asked <= context, f"from 1 to the model's context of {context} tokens")
