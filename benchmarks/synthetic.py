@@ -256,6 +256,6 @@ class NullTokenizer:
         def finalize(self) -> str:
             return ""
 
-    def detokenizer(self) -> "_Detok":
+    def detokenizer(self, shown=()) -> "_Detok":
         return self._Detok()
 
