@@ -67,7 +67,7 @@ def prefill(model, tokens: Sequence[int], cache: list, step: int = PREFILL_STEP,
     done = 0
     while done < prompt.shape[1]:
         n = min(prefill_chunk(model.config, cache[0], step), prompt.shape[1] - done)
-        model.model(prompt[:, done:done + n], cache)
+        model.model(prompt[:, done:done + n], cache, cache_only=True)
         mx.eval([c.state for c in cache])
         done += n
         if progress is not None:

@@ -197,9 +197,14 @@ class DecoderLayer(nn.Module):
         # whose processes each compute a share of the sum (`distributed.sharding`).
         self.combine: Callable[[mx.array], mx.array] | None = None
 
+    def attend(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
+        """The residual stream after attention (which also leaves this layer's keys and values in `cache`)."""
+        combine = self.combine or (lambda y: y)
+        return x + combine(self.self_attn(self.input_layernorm(x), mask, cache))
+
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
         combine = self.combine or (lambda y: y)
-        h = x + combine(self.self_attn(self.input_layernorm(x), mask, cache))
+        h = self.attend(x, mask, cache)
         return h + combine(self.block_sparse_moe(self.post_attention_layernorm(h)))
 
 
@@ -211,7 +216,10 @@ class MixtralModel(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.window = config.sliding_window
 
-    def __call__(self, tokens: mx.array, cache: list[Any] | None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list[Any] | None, cache_only: bool = False) -> mx.array | None:
+        """The final hidden states; with `cache_only` (a prefill), only what `cache` keeps: every
+        layer's keys and values, so the last layer's experts, which feed nothing but the output,
+        are skipped (None is returned)."""
         h = self.embed_tokens(tokens)  # [B, L, hidden]
         L = tokens.shape[1]
         if cache is None:
@@ -219,9 +227,13 @@ class MixtralModel(nn.Module):
             mask = _uncached_mask(L, self.window) if L > 1 else None
         else:
             mask = cache[0].mask(L)  # every layer's cache has the same geometry
-        for layer, c in zip(self.layers, cache, strict=True):
+        *layers, last = zip(self.layers, cache, strict=True)
+        for layer, c in layers:
             h = layer(h, mask, c)
-        return self.norm(h)
+        if cache_only:
+            last[0].attend(h, mask, last[1])
+            return None
+        return self.norm(last[0](h, mask, last[1]))
 
 
 class Mixtral(nn.Module):

@@ -27,6 +27,7 @@ from mlx_mixtral.experts import budget
 from mlx_mixtral.experts.expert_view import heatmap
 from mlx_mixtral.experts.routing import log_of
 from mlx_mixtral.experts.uncached_io import drop_file_from_page_cache, page_cache_bytes
+from mlx_mixtral.generate import prefill
 from mlx_mixtral.sampling import SamplingParams
 
 GREEDY = SamplingParams(temp=0.0)
@@ -132,6 +133,21 @@ def test_a_prompt_chunk_reads_each_expert_once(hf_checkpoint_factory, probe_toke
     assert usage.sum() == len(probe_tokens) * model.config.num_experts_per_tok * model.config.num_hidden_layers
     assert stats.requests == stats.misses + stats.hits + stats.prefetched == (usage > 0).sum()
     assert stats.bytes_read == sum(model.runtime.expert_cache.store.disk_bytes(layer, e) for layer, e in zip(*np.nonzero(usage)))
+
+
+def test_prefill_skips_the_last_layers_experts(hf_checkpoint_factory, probe_tokens):
+    """Only the prompt's last token needs the last layer's output: a prefill (every token but that
+    one) reads no expert of the last layer, and the reply is still the resident model's."""
+    path = hf_checkpoint_factory("gqa")
+    model, tokenizer = streamed(path, max(budgets(path).values()))
+    prefill(model, probe_tokens, mlx_mixtral.make_cache(model))
+    usage = model.runtime.routing_log.usage
+    last = model.config.num_hidden_layers - 1
+    assert usage[:last].sum() == len(probe_tokens) * model.config.num_experts_per_tok * last
+    assert usage[last].sum() == 0
+    resident, _ = mlx_mixtral.load(path, progress=False)
+    assert mlx_mixtral.generate(model, tokenizer, probe_tokens, max_tokens=4) == \
+        mlx_mixtral.generate(resident, tokenizer, probe_tokens, max_tokens=4)
 
 
 def test_expert_reads_leave_nothing_in_the_page_cache(hf_checkpoint_factory, probe_tokens, tmp_path):
