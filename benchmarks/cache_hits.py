@@ -38,12 +38,16 @@ from mlx_mixtral.experts.expert_cache import POLICIES
 from mlx_mixtral.loading import load_model
 
 PROMPTS = 4  # held-out windows, decoded one after another with a fresh KV cache each
+PER_TOKEN = 8  # experts a token uses in the trained model (4 layers x top-2)
 
 
-def decode(folder: Path, tokens: np.ndarray, budget: int, policy: str, prefetch: bool) -> dict:
-    """Feed `tokens` [P, T] one position at a time through the model streamed under `budget`."""
+def decode(folder: Path, tokens: np.ndarray, budget: int, policy: str, prefetch: bool, before: bool = False) -> dict:
+    """Feed `tokens` [P, T] one position at a time through the model streamed under `budget`.
+    `before`: LFU as it was before its pressure rule (ties always to the least recent)."""
     model = load_model(folder, progress=False, max_memory=budget, policy=policy, prefetch=prefetch)
     cache = model.runtime.expert_cache
+    if before:
+        cache.pressed = False
     try:
         cache.reset_stats()
         for row in tokens:
@@ -112,6 +116,10 @@ def measure(name: str, folder: Path, tokens: np.ndarray, slot_counts: list[int])
                 row[f"{policy}{'' if prefetch else '_noprefetch'}"] = r["hit_rate"]
                 if prefetch:
                     row[f"{policy}_recall"] = r["prefetch_recall"]
+            if policy == "lfu" and slots < PER_TOKEN:  # under pressure: the rule before it, too
+                for prefetch in (True, False):
+                    r = decode(folder, tokens, budget, policy, prefetch, before=True)
+                    row[f"lfu_before{'' if prefetch else '_noprefetch'}"] = r["hit_rate"]
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -151,6 +159,14 @@ def main() -> None:
         print(f"| {r['model']} | {r['slots']} ({r['slots'] / total:.0%}) | {r['lfu']:.1%} | {r['lru']:.1%} "
               f"| {r['lfu_noprefetch']:.1%} | {r['lru_noprefetch']:.1%} | {r['belady']:.1%} "
               f"| {r['lfu_recall']:.1%} |")
+    pressed = [r for r in rows if "lfu_before" in r]
+    if pressed:
+        print("\nUnder pressure (fewer slots than a token's experts): LFU before / after its pressure rule\n")
+        print("| model | cached experts | LFU before | LFU now | LFU before, no prefetch | LFU now, no prefetch | optimum |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in pressed:
+            print(f"| {r['model']} | {r['slots']} | {r['lfu_before']:.1%} | {r['lfu']:.1%} "
+                  f"| {r['lfu_before_noprefetch']:.1%} | {r['lfu_noprefetch']:.1%} | {r['belady']:.1%} |")
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ class Simulated:
 
     requests: int = 0
     hits: int = 0
-    misses: int = 0
-    misses_second: int = 0  # misses of a token's second choice
+    misses: int = 0  # full reads on demand
+    low_bit: int = 0  # misses read from the low-bit copy instead
     prefetch_reads: int = 0
 
     @property
@@ -142,10 +142,16 @@ class Simulated:
 
 @dataclass
 class CacheSim:
+    """`experts.expert_cache.ExpertCache`'s rules on (layer, expert) keys: a request pins its
+    experts (present ones first), a miss evicts by the policy, a prefetch only fills room or
+    replaces experts used since read. Policies: "lru"; "lfu" (ties to the least recent, but to
+    the most recent when `slots` < `per_token`: the pressure rule); "lfu-before" (no pressure
+    rule). `low_bit`: a miss of a token's second choice reads the low-bit copy, uncached."""
+
     slots: int
-    policy: str  # "lru", "lfu" or "lfu-stable"
-    prefetch_recall: float | None = None  # None: no prefetch
-    experts: int = 8
+    policy: str
+    per_token: int
+    low_bit: bool = False
     entries: dict[tuple[int, int], _Entry] = field(default_factory=dict)
     tick: int = 0
     stats: Simulated = field(default_factory=Simulated)
@@ -156,9 +162,9 @@ class CacheSim:
             return None
         if self.policy == "lru":
             return min(candidates, key=lambda kv: kv[1].last_use)[0]
-        if self.policy == "lfu-stable":  # ties: the most recent goes (a stable set survives a scan)
-            return min(candidates, key=lambda kv: (kv[1].uses, -kv[1].last_use))[0]
-        return min(candidates, key=lambda kv: (kv[1].uses, kv[1].last_use))[0]
+        pressed = self.slots < self.per_token
+        newest_first = -1 if self.policy == "lfu-newest" or (self.policy == "lfu" and pressed) else 1
+        return min(candidates, key=lambda kv: (kv[1].uses, newest_first * kv[1].last_use))[0]
 
     def _room(self, must: bool) -> bool:
         while len(self.entries) >= self.slots:
@@ -169,21 +175,25 @@ class CacheSim:
         return True
 
     def request(self, layer: int, chosen: np.ndarray) -> None:
+        used = []
         for e in sorted(chosen.tolist(), key=lambda e: (layer, e) not in self.entries):
             entry = self.entries.get((layer, e))
             self.stats.requests += 1
+            if entry is None and self.low_bit and e == chosen[1]:
+                self.stats.low_bit += 1
+                continue
             if entry is None:
                 self._room(True)
                 entry = self.entries[(layer, e)] = _Entry()
                 self.stats.misses += 1
-                self.stats.misses_second += int(e == chosen[1])
             else:
                 self.stats.hits += 1
             entry.pinned = True
             entry.uses += 1
             self.tick += 1
             entry.last_use = self.tick
-        for e in chosen.tolist():
+            used.append(e)
+        for e in used:
             self.entries[(layer, e)].pinned = False
 
     def prefetch(self, layer: int, guess: list[int]) -> None:
@@ -207,13 +217,13 @@ def _guesses(trace: np.ndarray, recall: float, experts: int, seed: int) -> Itera
                    for e in true]
 
 
-def replay(trace: np.ndarray, slots: int, policy: str, prefetch_recall: float | None, warmup: int = 100,
-           seed: int = 0) -> Simulated:
-    """Hit counts of `trace` ([tokens, layers, k]) through a cache of `slots` experts; the first
+def replay(trace: np.ndarray, slots: int, policy: str, prefetch_recall: float | None, low_bit: bool = False,
+           warmup: int = 100, seed: int = 0) -> Simulated:
+    """Counts of `trace` ([tokens, layers, k]) through a cache of `slots` experts; the first
     `warmup` tokens fill the cache and are not counted."""
-    tokens, layers, _ = trace.shape
+    tokens, layers, k = trace.shape
     experts = int(trace.max()) + 1
-    sim = CacheSim(slots, policy, prefetch_recall, experts)
+    sim = CacheSim(slots, policy, layers * k, low_bit)
     guesses = _guesses(np.roll(trace, -1, axis=1), prefetch_recall or 0, experts, seed)
     for t in range(tokens):
         if t == warmup:
@@ -241,17 +251,16 @@ def slots_for(shape: Shape, budget_gb: float) -> int:
     return max(0, math.floor((budget_gb - shape.resident_gb - STAGING_GB) / shape.expert_gb))
 
 
-def row(shape: Shape, mac: int, budget: float, stats: Simulated, tokens: int, low_bit: float | None = None) -> dict:
-    """Hit rate, GB read per token and expected tok/s at each SSD speed. `low_bit`: the size of a
-    low-bit copy relative to the 4-bit expert, read instead for second-choice misses."""
-    per_token_requests = stats.requests / tokens
-    misses = stats.misses / tokens
-    second = stats.misses_second / tokens if low_bit is not None else 0.0
-    reads = (misses - second) + second * (low_bit or 1.0) + stats.prefetch_reads / tokens
-    gb = reads * shape.expert_gb
+LOW_BIT_SIZE = {2: 2.5 / 4.5, 3: 3.5 / 4.5}  # a low-bit expert's bytes over a 4-bit one's (scales per 64)
+
+
+def row(shape: Shape, mac: int, budget: float, stats: Simulated, tokens: int, low_bits: int | None = None) -> dict:
+    """Hit rate, GB read per token and expected tok/s at each SSD speed."""
+    reads = stats.misses + stats.prefetch_reads + stats.low_bit * LOW_BIT_SIZE.get(low_bits, 0.0)
+    gb = reads / tokens * shape.expert_gb
     out = {"model": shape.name, "mac_gb": mac, "budget_gb": budget, "slots": slots_for(shape, budget),
-           "experts": shape.layers * shape.experts, "hit_rate": stats.hit_rate,
-           "requests_per_token": per_token_requests, "gb_per_token": gb}
+           "experts": shape.layers * shape.experts, "hit_rate": stats.hit_rate, "gb_per_token": gb,
+           "low_bits": low_bits}
     for ssd in SSDS:
         out[f"tok_s_{ssd:g}"] = 1000 / (gb / ssd * 1000 + shape.compute_ms)
     return out
@@ -259,7 +268,7 @@ def row(shape: Shape, mac: int, budget: float, stats: Simulated, tokens: int, lo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=2000)
+    p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--recall", type=float, default=0.57, help="prefetch recall (the trained yardstick's)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -267,22 +276,24 @@ def main() -> None:
     for shape in (MIXTRAL_8X7B, MIXTRAL_8X22B):
         trace = paper_trace(shape.layers, args.tokens + 100, shape.experts)
         rates = measured_rates(trace)
-        print(f"{shape.name}: trace repetition first/either, layer 0 {rates[0][0]:.3f}/{rates[0][1]:.3f}, "
+        load = np.bincount(trace.reshape(-1), minlength=shape.experts) / trace.size
+        print(f"{shape.name}: trace repetition first/either: layer 0 {rates[0][0]:.3f}/{rates[0][1]:.3f}, "
               f"middle {rates[len(rates) // 2][0]:.3f}/{rates[len(rates) // 2][1]:.3f}, "
-              f"last {rates[-1][0]:.3f}/{rates[-1][1]:.3f}; load per expert "
-              f"{np.bincount(trace.reshape(-1), minlength=8).min() / trace.size:.3f}-"
-              f"{np.bincount(trace.reshape(-1), minlength=8).max() / trace.size:.3f}")
+              f"last {rates[-1][0]:.3f}/{rates[-1][1]:.3f}; expert load {load.min():.3f}-{load.max():.3f}")
         for mac, budget in MACS[shape.name].items():
             slots = slots_for(shape, budget)
-            for policy in ("lfu", "lru", "lfu-stable"):
+            for policy in ("lfu", "lfu-before", "lru"):
                 for recall in (args.recall, None):
-                    stats = replay(trace, slots, policy, recall)
-                    r = row(shape, mac, budget, stats, args.tokens)
-                    r.update(policy=policy, prefetch=recall is not None)
-                    results.append(r)
-                    print(f"  {mac:3d} GB Mac, {budget:4.1f} GB, {slots:3d}/{r['experts']} slots, {policy:10} "
-                          f"prefetch {'on ' if recall else 'off'}: hits {r['hit_rate']:6.1%}, "
-                          f"{r['gb_per_token']:5.2f} GB/token, {r['tok_s_3']:.2f} / {r['tok_s_7']:.2f} tok/s")
+                    for low_bits in (None, 2, 3) if policy == "lfu" else (None,):
+                        stats = replay(trace, slots, policy, recall, low_bit=low_bits is not None)
+                        r = row(shape, mac, budget, stats, args.tokens, low_bits)
+                        r.update(policy=policy, prefetch=recall is not None)
+                        results.append(r)
+                        low = f", 2nd-choice misses {low_bits}-bit" if low_bits else ""
+                        print(f"  {mac:3d} GB Mac, {budget:4.1f} GB, {slots:3d}/{r['experts']} slots, {policy:10} "
+                              f"prefetch {'on ' if recall else 'off'}{low}: hits {r['hit_rate']:6.1%}, "
+                              f"{r['gb_per_token']:5.2f} GB/token, {r['tok_s_3']:.2f} / {r['tok_s_7']:.2f} tok/s",
+                              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

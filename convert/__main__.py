@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head-bits", default=None, metavar="BITS",
                         help=f"with -q: lm_head precision, {bits}|float (default: {_precision_text(DEFAULT_LM_HEAD_BITS)})")
     parser.add_argument("--dequantize", action="store_true", help="turn a quantized MLX folder back into float")
+    parser.add_argument("--miss-bits", type=int, default=None, metavar="BITS",
+                        help="also write a 2- or 3-bit copy of the experts (miss-BITSbit/), which streaming "
+                             "can read for misses a token weights little (`--max-memory ... --miss-bits BITS`)")
     parser.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
     parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                         help="largest output file, e.g. 5GB or 500MB; peak memory is about this plus 1-2 GB "
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     summary = convert(
         args.hf_path, args.mlx_path, quantize=args.quantize, bits=args.q_bits, group_size=args.q_group_size,
         dtype=args.dtype, force=args.force, dequantize=args.dequantize,
-        max_shard_bytes=parse_size(args.max_shard_size), **policy,
+        max_shard_bytes=parse_size(args.max_shard_size), miss_bits=args.miss_bits, **policy,
     )
     print(summary.text())
     return 0

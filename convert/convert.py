@@ -27,8 +27,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_mixtral.checkpoint import is_expert_tensor
 from mlx_mixtral.config import ModelConfig
 from mlx_mixtral.errors import MixtralError
+from mlx_mixtral.experts.low_bit import MISS_BITS, MISS_FILE, miss_folder
 from mlx_mixtral.model import Mixtral
 from mlx_mixtral.progress import progress_bar
 from mlx_mixtral.units import gb
@@ -96,6 +98,7 @@ def convert(
     attention_bits: int | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    miss_bits: int | None = None,
 ) -> Summary:
     """Convert `hf_path` (folder or hub repo id) into an MLX folder at `mlx_path`.
 
@@ -105,6 +108,8 @@ def convert(
     precision for router, embeddings and lm_head, None meaning float; `attention_bits` None
     means as `bits`); `dequantize` turns a quantized MLX folder back into float. `dtype`
     (default: the source's) is that of float weights and of quantization scales and biases.
+    `miss_bits` (2 or 3) also writes a copy of every expert at that many bits into `miss-Nbit/`,
+    quantized from the float source, for streaming to read on some misses (`experts.low_bit`).
     """
     start = time.perf_counter()
     if quantize and dequantize:
@@ -124,6 +129,9 @@ def convert(
                            "or --dequantize this one first")
     if dequantize and not stored:
         raise MixtralError(f"{source.folder}: is not quantized; there is nothing to --dequantize")
+    if miss_bits is not None and (stored or miss_bits not in MISS_BITS):
+        raise MixtralError(f"--miss-bits {miss_bits}: choose {' or '.join(map(str, MISS_BITS))}, from a float "
+                           "checkpoint" + (f" ({source.folder} is quantized)" if stored else ""))
     dequant = stored if dequantize else {}
     keeps_quantization = bool(stored) and not dequantize
     out_dtype = out_dtype or source.float_dtype()
@@ -143,13 +151,20 @@ def convert(
     config = source.config
     with staging_folder(dst, force) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
+        low = ShardWriter(_mkdir(miss_folder(tmp, miss_bits)), max_shard_bytes) if miss_bits else None
         task = "Quantizing" if plan else "Dequantizing" if dequant else "Converting"
         with progress_bar(task, total=config.num_hidden_layers + 1, enabled=progress) as advance:
             for _, weights in source.pieces():
+                if low is not None:  # first: _convert_piece lets go of the float weights it uses
+                    low.add(_low_bit_experts(weights, miss_bits, group_size, out_dtype))
                 for outputs in _convert_piece(weights, plan, dequant, out_dtype):
                     writer.add(outputs)  # evaluates them: reads, converts, frees the inputs
                 advance()
         shards = writer.close()
+        if low is not None:
+            low.close()
+            spec = {"bits": miss_bits, "group_size": group_size, "mode": MODE}
+            (miss_folder(tmp, miss_bits) / MISS_FILE).write_text(json.dumps(spec) + "\n")
         source.copy_tokenizer(tmp)
         quantization = plan.config() if plan else source.config.quantization if keeps_quantization else None
         _write_config(tmp, replace(config, quantization=quantization), out_dtype)  # last: marks it complete
@@ -217,6 +232,22 @@ def _convert_piece(weights: dict[str, mx.array], plan: QuantPlan | None,
         for part, a in parts.items():  # everything else: float tensors cast, packed codes as they are
             out[part] = a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
         yield {f"{path}.{part}": a for part, a in out.items()}
+
+
+def _low_bit_experts(weights: dict[str, mx.array], bits: int, group_size: int, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """The expert projections of one piece quantized at `bits` (lazy; the inputs stay in `weights`)."""
+    out = {}
+    for name, w in weights.items():
+        if is_expert_tensor(name) and name.endswith(".weight"):
+            path = name.removesuffix(".weight")
+            out[f"{path}.weight"], out[f"{path}.scales"], out[f"{path}.biases"] = mx.quantize(
+                w.astype(dtype), group_size, bits, mode=MODE)
+    return out
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
 
 
 def _write_config(folder: Path, config: ModelConfig, dtype: mx.Dtype) -> None:

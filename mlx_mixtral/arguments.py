@@ -16,6 +16,7 @@ from .distributed.group import peer_lost, world
 from .errors import MixtralError
 from .experts.budget import AUTO
 from .experts.expert_cache import DEFAULT_POLICY, POLICIES
+from .experts.low_bit import MISS_BITS
 from .kv_format import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, KVFormat, kv_format
 from .loading import load_model, resolve, would_fit
 from .sampling import SamplingParams, check_max_tokens, check_seed
@@ -38,6 +39,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "(lru) used (default: %(default)s, the faster in benchmarks/RESULTS.md)")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="streaming: do not read the next layer's likely experts ahead")
+    parser.add_argument("--miss-bits", type=int, choices=MISS_BITS, default=None,
+                        help="streaming: read the converter's 2- or 3-bit copy of a missing expert that a token "
+                             "weights little (convert with --miss-bits); fewer bytes per token, output no "
+                             "longer exactly the model's")
     add_kv_args(parser)
 
 
@@ -79,14 +84,17 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
         if not fits:
             note(f"{why}: streaming experts from disk with --max-memory auto")
             max_memory = AUTO
+    if args.miss_bits is not None and max_memory is None:
+        raise MixtralError("--miss-bits reads a low-bit copy of experts that are not in memory: it needs --max-memory")
     model = load_model(folder, progress=True, max_memory=max_memory, policy=args.cache_policy,
-                       prefetch=not args.no_prefetch, context=tokens, kv=kv)
+                       prefetch=not args.no_prefetch, context=tokens, kv=kv, miss_bits=args.miss_bits)
     cache = model.runtime.expert_cache
     if cache is not None:
         for line in cache.plan.notes:
             note(line)
+        low = f"; misses a token weights little read the {args.miss_bits}-bit copy" if args.miss_bits else ""
         note(f"streaming experts within {gb(cache.plan.budget)}: {cache.plan.cached_experts} of "
-             f"{cache.plan.total_experts} experts fit in memory ({cache.policy})")
+             f"{cache.plan.total_experts} experts fit in memory ({cache.policy}){low}")
     return model, tokenizer
 
 

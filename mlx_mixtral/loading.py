@@ -26,6 +26,7 @@ from .errors import MixtralError
 from .experts.budget import AUTO, auto_budget, gb, parse_size, plan, weight_bytes
 from .experts.expert_cache import DEFAULT_POLICY, READERS, ExpertCache
 from .experts.expert_store import ExpertStore
+from .experts.low_bit import DEFAULT_THRESHOLD, open_low_bit
 from .experts.streamed_moe import stream_experts
 from .experts.uncached_io import drop_file_from_page_cache, staging_bytes
 from .kv_format import FLOAT, KVFormat
@@ -120,13 +121,16 @@ def check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int,
 
 def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
                max_memory: int | str | None = None, policy: str = DEFAULT_POLICY, prefetch: bool = True,
-               context: int | None = None, kv: KVFormat = FLOAT) -> Mixtral:
+               context: int | None = None, kv: KVFormat = FLOAT, miss_bits: int | None = None,
+               miss_threshold: float = DEFAULT_THRESHOLD) -> Mixtral:
     """Build and fill the model, one layer at a time (peak memory ~ the model, not twice it).
 
     With `max_memory` (bytes, a size like "12GB", or "auto") only the non-expert weights are
     loaded; experts are read from the files on demand into a cache that keeps the weights within
     that budget (see `expert_cache`). `context` sizes the KV cache `auto` leaves room for, stored
     in the `kv` format. Started by `mlx.launch` on N processes, each loads its 1/N (`sharding`).
+    `miss_bits` (2 or 3, with `max_memory`): misses weighted below `miss_threshold` read the
+    converter's low-bit copy of the expert instead (`experts.low_bit`).
     """
     folder = Path(folder)
     group = world()
@@ -141,9 +145,12 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
     model = build_model(config, shapes)
     check_tensors(model, ckpt, shapes)
     cache = None
+    if miss_bits is not None and max_memory is None:
+        raise MixtralError("--miss-bits reads a low-bit copy of experts that are not in memory: it needs --max-memory")
     if max_memory is not None:
+        low_bit = open_low_bit(folder, config, miss_bits, dtype, miss_threshold) if miss_bits is not None else None
         cache = _expert_cache(ckpt, config, dtype, max_memory, policy, prefetch, context, kv)
-        stream_experts(model, cache)
+        stream_experts(model, cache, low_bit)
     pieces = ckpt.iter_weights(config)
     with progress_bar("Loading", total=config.num_hidden_layers + 1, enabled=progress) as advance:
         for _, weights in pieces:
@@ -223,7 +230,7 @@ def _expert_cache(ckpt: Checkpoint, config: ModelConfig, dtype: mx.Dtype | None,
     resident = weight_bytes(ckpt, config, dtype, experts=False)
     the_plan = plan(budget, resident, staging, store.max_expert_bytes, config, label)
     return ExpertCache(store, the_plan.cache_bytes, policy=policy, readers=READERS, prefetch=prefetch,
-                       plan=the_plan)
+                       plan=the_plan, per_token=config.num_hidden_layers * config.num_experts_per_tok)
 
 
 def would_fit(folder: Path, context: int | None = None, kv: KVFormat = FLOAT) -> tuple[bool, str]:
@@ -236,15 +243,17 @@ def would_fit(folder: Path, context: int | None = None, kv: KVFormat = FLOAT) ->
 
 def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
          max_memory: int | str | None = None, policy: str = DEFAULT_POLICY,
-         prefetch: bool = True) -> tuple[Mixtral, Tokenizer]:
+         prefetch: bool = True, miss_bits: int | None = None) -> tuple[Mixtral, Tokenizer]:
     """Load a Mixtral model and its tokenizer from a folder or a hub repo id.
 
     `dtype` overrides the compute dtype of floating weights (default: `compute_dtype`).
     `max_memory` ("12GB", bytes, or "auto") streams the experts from disk within that budget;
     `policy` ("lru" or "lfu") chooses which cached expert to evict, `prefetch` whether the next
-    layer's likely experts are read ahead. Without `max_memory` the model is fully resident.
+    layer's likely experts are read ahead; `miss_bits` (2 or 3) reads the converter's low-bit
+    copy of an expert for misses a token weights little. Without `max_memory` the model is fully
+    resident.
     """
     folder = resolve(path_or_repo)
     tokenizer = Tokenizer.from_folder(folder)  # cheap; fail before the long part
     return load_model(folder, dtype=dtype, progress=progress, max_memory=max_memory, policy=policy,
-                      prefetch=prefetch), tokenizer
+                      prefetch=prefetch, miss_bits=miss_bits), tokenizer

@@ -413,6 +413,26 @@ def test_a_miss_never_evicts_an_expert_the_same_request_uses(policy):
     cache.close()
 
 
+@pytest.mark.parametrize("per_token, hits_per_token", [(0, 0), (4, 2)])
+def test_a_cache_smaller_than_a_token_keeps_a_stable_set_instead_of_thrashing(per_token, hits_per_token):
+    """2 layers x 2 experts a token (one at a time), room for 3, each used as often as the others: in LRU
+    order each request evicts the one needed next (0 hits, the old tie-break); under pressure LFU
+    keeps a stable set (2 of 4 hits a token: the capacity less the slot the misses pass through)."""
+    from mlx_mixtral.experts.expert_cache import ExpertCache
+
+    cache = ExpertCache(_FakeStore(), capacity=300, policy="lfu", prefetch=False, per_token=per_token)
+    assert cache.pressed == (per_token > 3)
+    for token in range(12):
+        if token == 2:
+            cache.reset_stats()
+        for layer, expert in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            cache.fetch(layer, [expert])[expert].result()
+            cache.release(layer, [expert])
+    stats = cache.snapshot()
+    assert stats.requests == 40 and stats.hits == 10 * hits_per_token
+    cache.close()
+
+
 def _cache_limit() -> int:
     """MLX's buffer-cache limit now (set_cache_limit returns the previous one)."""
     current = mx.set_cache_limit(1 << 40)

@@ -7,8 +7,12 @@ state, as Eliseev & Mazur 2023 do) while the current layer computes. When a new 
 fit, an unpinned one is evicted by the policy:
 
 - `lru`: the least recently used;
-- `lfu`: the least often used so far (ties: the least recently used), which keeps each layer's
-  favourite experts resident when routing is skewed.
+- `lfu`: the least often used so far, which keeps each layer's favourite experts resident when
+  routing is skewed. Ties go to the least recently used, except under pressure: when the cache
+  holds fewer experts than one token uses (`per_token`), the most recently used goes. Every
+  token then evicts what the next one needs, a loop larger than the cache, which LRU order
+  turns into 0% hits; evicting the newest keeps a stable set resident instead, and the hits
+  stay near what the capacity allows (benchmarks/RESULTS.md: "No thrash").
 
 Entries are whole experts (gate, up and down projections together), because a routed token
 always needs all three. The cache never holds more than `capacity` bytes, pending reads
@@ -31,6 +35,7 @@ import mlx.core as mx
 from ..errors import MixtralError
 from .budget import Plan
 from .expert_store import ExpertStore
+from .low_bit import LowBitCopy
 from .routing import RoutingLog
 
 POLICIES = ("lru", "lfu")
@@ -96,6 +101,8 @@ class StreamStats:
     bytes_read: int = 0
     read_s: float = 0.0  # summed over the reading threads
     elapsed_s: float = 0.0  # wall time since the reset
+    low_bit_reads: int = 0  # misses served from the low-bit copy (`low_bit`), not counted in `misses`
+    low_bit_bytes: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -121,13 +128,14 @@ class ExpertCache:
     """Experts in memory, at most `capacity` bytes of them, filled from `store`."""
 
     def __init__(self, store: ExpertStore, capacity: int, policy: str = DEFAULT_POLICY,
-                 readers: int = READERS, prefetch: bool = True, plan: Plan | None = None):
+                 readers: int = READERS, prefetch: bool = True, plan: Plan | None = None, per_token: int = 0):
         if policy not in POLICIES:
             raise MixtralError(f"unknown expert cache policy {policy!r}; choose from {', '.join(POLICIES)}")
         self.store, self.capacity, self.policy = store, capacity, policy
         self.prefetch_enabled = prefetch
         self.expert_bytes = store.max_expert_bytes
         self.slots = capacity // self.expert_bytes  # experts that fit at once
+        self.pressed = self.slots < per_token  # fewer slots than a token's experts (all layers, top-k)
         self.plan = plan  # what the budget bought, as `budget.plan` worked it out (for the front doors)
         self._restore: Callable[[], None] | None = _give_freed_memory_back(self.expert_bytes)
         self.log = RoutingLog(store.num_layers, store.num_experts)
@@ -141,6 +149,7 @@ class ExpertCache:
         self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="expert-reader")
         self._reset_at = time.perf_counter()
         self._read_base = (0, 0.0)
+        self.low_bit: LowBitCopy | None = None  # read instead on some misses (`stream_experts`)
 
     # -- what the model calls ---------------------------------------------------------------------
     def fetch(self, layer: int, experts: Iterable[int]) -> dict[int, Future]:
@@ -174,6 +183,11 @@ class ExpertCache:
                 entry.last_use = self._tick
                 out[e] = entry.future
         return {e: out[e] for e in experts}
+
+    def present(self, layer: int, expert: int) -> bool:
+        """Whether the expert is in memory or being read (a fetch would not be a miss)."""
+        with self._lock:
+            return (layer, expert) in self._entries
 
     def wait(self, layer: int, expert: int, future: Future) -> dict[str, mx.array]:
         """A fetched expert's arrays, blocking until read. A read error surfaces here, and the
@@ -229,7 +243,8 @@ class ExpertCache:
         if not candidates:
             return None
         if self.policy == "lfu":
-            return min(candidates, key=lambda kv: (kv[1].uses, kv[1].last_use))[0]
+            newest_first = -1 if self.pressed else 1  # see the module docstring
+            return min(candidates, key=lambda kv: (kv[1].uses, newest_first * kv[1].last_use))[0]
         return min(candidates, key=lambda kv: kv[1].last_use)[0]
 
     def _make_room(self, nbytes: int, must: bool = True) -> bool:
@@ -272,6 +287,8 @@ class ExpertCache:
         """Stop the readers, close the files and put the process-wide memory settings back."""
         self._pool.shutdown(wait=True)
         self.store.close()
+        if self.low_bit is not None:
+            self.low_bit.close()
         if self._restore is not None:
             self._restore, restore = None, self._restore
             restore()
