@@ -4,6 +4,8 @@ skips it for the others). Both ways in the same process, alternating, on a synth
 written to disk and streamed under a budget that holds few of its experts.
 
     python -m benchmarks.prefill_reads --synthetic small --bits 4 --prompt 128 --trials 3
+    python -m benchmarks.prefill_reads --folder ~/.cache/mlx-mixtral/synthetic/mixtral-8x7b-4bit-seed0 \
+        --prompt 16 --trials 1      # the full-shape folder benchmarks.streaming writes
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlx_mixtral
+from mlx_mixtral.config import ModelConfig
 
 from . import synthetic
 
@@ -30,11 +33,20 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--slots", type=int, default=8, help="experts the budget holds besides the resident part")
+    p.add_argument("--folder", type=Path, default=None, help="an existing model folder instead of a synthetic one")
     args = p.parse_args()
-    config = synthetic.shape_config(args.synthetic, args.bits)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = synthetic.write_folder(config, Path(tmp) / "model")
-        shutil.copyfile(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+        if args.folder is None:
+            config = synthetic.shape_config(args.synthetic, args.bits)
+            folder = synthetic.write_folder(config, Path(tmp) / "model")
+        else:
+            folder = Path(tmp) / "model"  # the weights linked, a tokenizer beside them
+            folder.mkdir()
+            for f in args.folder.expanduser().iterdir():
+                (folder / f.name).symlink_to(f)
+            config = ModelConfig.from_file(folder / "config.json")
+        if not (folder / "tokenizer.model").exists():
+            shutil.copyfile(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
         resident = sum(f.stat().st_size for f in folder.glob("*.safetensors"))  # an upper bound on what loads
         model, _ = mlx_mixtral.load(folder, progress=False, max_memory=resident)  # every expert fits: size it
         expert = model.runtime.expert_cache.expert_bytes
@@ -54,7 +66,8 @@ def main() -> None:
                 mx.eval([c.state for c in kv] + ([] if h is None else [h]))
                 figures[cache_only].append(cache.snapshot().bytes_read / args.prompt)
         before, after = statistics.median(figures[False]), statistics.median(figures[True])
-        print(f"synthetic {args.synthetic} {args.bits}-bit, {config.num_hidden_layers} layers, prompt {args.prompt}, "
+        name = args.folder.name if args.folder is not None else f"synthetic {args.synthetic} {args.bits}-bit"
+        print(f"{name}, {config.num_hidden_layers} layers, prompt {args.prompt}, "
               f"{cache.slots} expert slots: {before / 1e6:.1f} MB read per prompt token with the last layer's "
               f"experts, {after / 1e6:.1f} MB without ({after / before - 1:+.1%})")
         model.runtime.close()

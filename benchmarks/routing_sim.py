@@ -8,9 +8,9 @@ shows are not what a user will see. This module instead
    per-layer rates at which consecutive tokens repeat their first-choice expert and share either
    choice (interpolated by depth between the reported layers 0, 15 and 31);
 2. replays a trace through a simulator of `experts.expert_cache` (same pinning, prefetch and
-   eviction rules, policies lfu, lru and the anti-thrash `lfu` variant) at Mixtral-8x7B's and
-   8x22B's shapes (32 x 8 and 56 x 8 experts, top-2), or a measured trace of the trained
-   yardstick (`cache_hits.routing_trace`);
+   eviction rules; policies lru, lfu with its pressure rule, lfu as it was before that rule,
+   and lfu with ties always to the newest) at Mixtral-8x7B's and 8x22B's shapes (32 x 8 and
+   56 x 8 experts, top-2), with and without a low-bit copy read for second-choice misses;
 3. turns hits into bytes read per token and expected tok/s on a Mac's SSD:
    1 / (GB read per token / SSD GB/s + compute per token).
 
@@ -146,12 +146,13 @@ class CacheSim:
     experts (present ones first), a miss evicts by the policy, a prefetch only fills room or
     replaces experts used since read. Policies: "lru"; "lfu" (ties to the least recent, but to
     the most recent when `slots` < `per_token`: the pressure rule); "lfu-before" (no pressure
-    rule). `low_bit`: a miss of a token's second choice reads the low-bit copy, uncached."""
+    rule). `low_bit`: a miss of a token's second choice ("second") or any miss ("all") reads the
+    low-bit copy, uncached."""
 
     slots: int
     policy: str
     per_token: int
-    low_bit: bool = False
+    low_bit: str | None = None
     entries: dict[tuple[int, int], _Entry] = field(default_factory=dict)
     tick: int = 0
     stats: Simulated = field(default_factory=Simulated)
@@ -179,7 +180,7 @@ class CacheSim:
         for e in sorted(chosen.tolist(), key=lambda e: (layer, e) not in self.entries):
             entry = self.entries.get((layer, e))
             self.stats.requests += 1
-            if entry is None and self.low_bit and e == chosen[1]:
+            if entry is None and (self.low_bit == "all" or (self.low_bit == "second" and e == chosen[1])):
                 self.stats.low_bit += 1
                 continue
             if entry is None:
@@ -217,7 +218,7 @@ def _guesses(trace: np.ndarray, recall: float, experts: int, seed: int) -> Itera
                    for e in true]
 
 
-def replay(trace: np.ndarray, slots: int, policy: str, prefetch_recall: float | None, low_bit: bool = False,
+def replay(trace: np.ndarray, slots: int, policy: str, prefetch_recall: float | None, low_bit: str | None = None,
            warmup: int = 100, seed: int = 0) -> Simulated:
     """Counts of `trace` ([tokens, layers, k]) through a cache of `slots` experts; the first
     `warmup` tokens fill the cache and are not counted."""
@@ -282,10 +283,10 @@ def main() -> None:
               f"last {rates[-1][0]:.3f}/{rates[-1][1]:.3f}; expert load {load.min():.3f}-{load.max():.3f}")
         for mac, budget in MACS[shape.name].items():
             slots = slots_for(shape, budget)
-            for policy in ("lfu", "lfu-before", "lru"):
+            for policy in ("lfu", "lfu-before", "lru", "lfu-newest"):
                 for recall in (args.recall, None):
-                    for low_bits in (None, 2, 3) if policy == "lfu" else (None,):
-                        stats = replay(trace, slots, policy, recall, low_bit=low_bits is not None)
+                    for low_bits in (None, 2, 3) if policy in ("lfu", "lru") else (None,):
+                        stats = replay(trace, slots, policy, recall, low_bit="second" if low_bits else None)
                         r = row(shape, mac, budget, stats, args.tokens, low_bits)
                         r.update(policy=policy, prefetch=recall is not None)
                         results.append(r)

@@ -4,6 +4,7 @@ it changes nothing unless asked, what it saves, and its one-line errors."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -93,7 +94,8 @@ def test_low_bit_errors_are_one_line(folder, hf_checkpoint_factory, tmp_path):
 
 def test_generate_with_miss_bits_says_so(folder):
     run = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "generate", "--model", str(folder), "--prompt", "hi",
-                          "--max-tokens", "3", "--miss-bits", "2", "--max-memory", str(_tightest(folder))],
+                          "--max-tokens", "3", "--miss-bits", "2", "--max-memory", str(_tightest(folder)), "--verbose"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "2-bit copy" in run.stderr
+    assert re.search(r"for \d+ misses from the 2-bit copy", run.stderr)  # --verbose's streaming line

@@ -58,7 +58,9 @@ def streaming_line(model) -> str | None:
     if cache is None:
         return None
     s = cache.snapshot()
+    low = (f", {gb(s.low_bit_bytes)} for {s.low_bit_reads} misses from the "
+           f"{cache.low_bit.quantization[1]}-bit copy" if cache.low_bit is not None else "")
     return (f"experts: budget {gb(cache.plan.budget)}, {cache.cached_experts}/{cache.plan.total_experts} cached "
             f"({cache.policy}) | hit rate {100 * s.hit_rate:.1f}% of {s.requests} requests, prefetch recall "
-            f"{100 * s.prefetch_recall:.1f}% | read {gb(s.bytes_read)} from disk, "
+            f"{100 * s.prefetch_recall:.1f}% | read {gb(s.bytes_read)} from disk{low}, "
             f"{s.wait_s:.1f} s spent waiting for reads")
