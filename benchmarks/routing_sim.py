@@ -121,7 +121,6 @@ def measured_rates(trace: np.ndarray) -> list[tuple[float, float]]:
 class _Entry:
     uses: int = 0
     last_use: int = 0
-    by_prefetch: bool = False
     pinned: bool = False
 
 
@@ -203,7 +202,7 @@ class CacheSim:
                 continue
             if not self._room(False):
                 return
-            self.entries[(layer, e)] = _Entry(by_prefetch=True)
+            self.entries[(layer, e)] = _Entry()  # a prefetch: not used yet (uses 0)
             self.stats.prefetch_reads += 1
 
 

@@ -44,11 +44,9 @@ class LowBitCopy:
     store: ExpertStore
     quantization: tuple[int, int, str]  # (group_size, bits, mode)
     threshold: float = DEFAULT_THRESHOLD
-    reads: int = 0
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="low-bit"))
 
     def read(self, layer: int, expert: int) -> Future:
-        self.reads += 1
         return self._pool.submit(self.store.read, layer, expert)
 
     def close(self) -> None:
