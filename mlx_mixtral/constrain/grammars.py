@@ -6,9 +6,10 @@ grammar that allows any whitespace lets a model emit whitespace until it runs ou
 optional space may come first, because a sentencepiece reply's first piece usually carries "▁".
 
 A tool-call grammar allows either text (or the response format's JSON) or the calls: the
-syntax's marker, then a JSON list of `{"name": ..., "arguments": ...}` objects, written as the
-model was trained to write them (`json.dumps`'s separators), each tool's arguments held to its
-own parameters schema (kept whole as a root schema, so its `$defs` and `$ref`s still resolve).
+syntax's marker, then `{"name": ..., "arguments": ...}` objects (a JSON list, or each in the
+template's wrapper), written with the separators the model was trained on (`ToolSyntax`), each
+tool's arguments held to its own parameters schema (kept whole as a root schema, so its `$defs`
+and `$ref`s still resolve).
 Text that merely starts like the marker is not allowed, so a reply is calls or text, never both.
 """
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 COMPACT = (",", ":")
-DUMPS = (", ", ": ")  # json.dumps's: how Mistral's training data writes tool calls
 _ANY_OBJECT = {"type": "object"}
 
 
