@@ -337,6 +337,24 @@ def test_json_schema_and_json_object_responses(server):
     assert r.choices[0].message.content.lstrip().startswith("{")
 
 
+def test_tools_and_a_response_format_together(server):
+    """auto with json_schema: the reply is calls, or JSON that matches the schema, never loose text."""
+    client = server.client()
+    schema = SCHEMAS[0]
+    finished = 0
+    for seed in range(4):
+        r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, max_tokens=60, temperature=1.0,
+                                           seed=seed, response_format={"type": "json_schema", "json_schema": {
+                                               "name": "person", "schema": schema}})
+        choice = r.choices[0]
+        if choice.finish_reason == "tool_calls":
+            _validate_calls(choice.message.tool_calls)
+        elif choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), schema)
+        finished += choice.finish_reason != "length"
+    assert finished >= 2
+
+
 def test_logprobs_chat_streamed_and_completions(server, loaded):
     model, tokenizer = loaded(server.member)
     client = server.client()
