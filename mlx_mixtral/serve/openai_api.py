@@ -323,7 +323,8 @@ def _tools(body: dict) -> _Tools | None:
         description = function.get("description")
         checked.append({"type": "function", "function": {
             "name": name, **({"description": description} if isinstance(description, str) else {}),
-            "parameters": parameters if parameters is not None else {"type": "object", "properties": {}}}})
+            # no schema (or an empty one) still means an object of arguments, as OpenAI defines them
+            "parameters": parameters if parameters else {"type": "object", "properties": {}}}})
     choice, only = body.get("tool_choice", "auto"), None
     if choice is None:
         choice = "auto"
