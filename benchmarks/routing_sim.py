@@ -14,7 +14,8 @@ shows are not what a user will see. This module instead
 3. turns hits into bytes read per token and expected tok/s on a Mac's SSD:
    1 / (GB read per token / SSD GB/s + compute per token).
 
-    python -m benchmarks.routing_sim --tokens 2000 --json FILE
+    python -m benchmarks.routing_sim --tokens 600 --json FILE
+    python -m benchmarks.routing_sim --tokens 600 --levers 9      # other ways to cut bytes, 16 GB Mac
 """
 
 from __future__ import annotations
@@ -266,12 +267,68 @@ def row(shape: Shape, mac: int, budget: float, stats: Simulated, tokens: int, lo
     return out
 
 
+def mixed_cache_reads(trace: np.ndarray, slots: int, low_size: float, warmup: int = 100) -> float:
+    """Experts read per token (in full-expert units) when second-choice misses read a low-bit copy
+    of `low_size` that is cached too (HOBBIT's mixed-precision cache), LRU over `slots` worth of
+    bytes; a first choice needs the full expert."""
+    last_use: dict[tuple[int, int, bool], int] = {}
+    size: dict[tuple[int, int, bool], float] = {}
+    used, tick, reads = 0.0, 0, 0.0
+    tokens, layers, _ = trace.shape
+    for t in range(tokens):
+        for layer in range(layers):
+            pinned = set()
+            for e, low in ((int(trace[t, layer, 0]), False), (int(trace[t, layer, 1]), True)):
+                tick += 1
+                have = [k for k in ((layer, e, False), (layer, e, True)) if k in last_use and (low or not k[2])]
+                if have:
+                    last_use[have[0]] = tick
+                    pinned.add(have[0])
+                    continue
+                key, nbytes = (layer, e, low), low_size if low else 1.0
+                reads += nbytes if t >= warmup else 0.0
+                while used + nbytes > slots:
+                    victim = min((k for k in last_use if k not in pinned), key=last_use.get)
+                    used -= size.pop(victim)
+                    del last_use[victim]
+                last_use[key], size[key] = tick, nbytes
+                used += nbytes
+                pinned.add(key)
+    return reads / (tokens - warmup)
+
+
+def levers(shape: Shape, budget: float, tokens: int) -> None:
+    """What else could cut the bytes at one budget (LRU, no prefetch): caching the low-bit copies,
+    or every expert at 3 or 2 bits (more of them fit, each read is smaller)."""
+    trace = paper_trace(shape.layers, tokens + 100, shape.experts)
+    slots = slots_for(shape, budget)
+
+    def line(what: str, gb: float) -> None:
+        print(f"  {what:55} {gb:5.2f} GB/token, {1000 / (gb / 7 * 1000 + shape.compute_ms):.2f} tok/s at 7 GB/s")
+
+    print(f"{shape.name} at {budget} GB, LRU, no prefetch:")
+    line(f"4-bit experts, exact ({slots} slots)", replay(trace, slots, "lru", None).misses / tokens * shape.expert_gb)
+    line("2-bit copy for second-choice misses", row(shape, 0, budget, replay(trace, slots, "lru", None, "second"),
+                                                     tokens, 2)["gb_per_token"])
+    line("2-bit copies of second choices cached too",
+         mixed_cache_reads(trace, slots, LOW_BIT_SIZE[2]) * shape.expert_gb)
+    for bits in (3, 2):
+        each = shape.expert_gb * (bits + 0.5) / 4.5
+        fit = max(0, math.floor((budget - shape.resident_gb - STAGING_GB) / each))
+        line(f"every expert at {bits} bits ({fit} slots)", replay(trace, fit, "lru", None).misses / tokens * each)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--recall", type=float, default=0.57, help="prefetch recall (the trained yardstick's)")
+    p.add_argument("--levers", type=float, default=None, metavar="GB",
+                   help="instead: the other ways to read fewer bytes, for 8x7B at this budget (9 for a 16 GB Mac)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.levers is not None:
+        levers(MIXTRAL_8X7B, args.levers, args.tokens)
+        return
     results = []
     for shape in (MIXTRAL_8X7B, MIXTRAL_8X22B):
         trace = paper_trace(shape.layers, args.tokens + 100, shape.experts)
