@@ -152,13 +152,13 @@ def main() -> None:
     total = config.num_hidden_layers * config.num_local_experts
     print(f"{PROMPTS} held-out windows x {args.tokens} tokens decoded one at a time; "
           f"{total} experts in all, 4-bit\n")
-    print("| model | cached experts | LFU | LRU | LFU, no prefetch | LRU, no prefetch | optimum (Belady) "
-          "| prefetch recall (LFU) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | cached experts | LFU | LRU | cyclic | LFU, no prefetch | LRU, no prefetch | cyclic, no prefetch "
+          "| optimum (Belady) | prefetch recall (LFU) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['slots']} ({r['slots'] / total:.0%}) | {r['lfu']:.1%} | {r['lru']:.1%} "
-              f"| {r['lfu_noprefetch']:.1%} | {r['lru_noprefetch']:.1%} | {r['belady']:.1%} "
-              f"| {r['lfu_recall']:.1%} |")
+              f"| {r['cyclic']:.1%} | {r['lfu_noprefetch']:.1%} | {r['lru_noprefetch']:.1%} "
+              f"| {r['cyclic_noprefetch']:.1%} | {r['belady']:.1%} | {r['lfu_recall']:.1%} |")
     pressed = [r for r in rows if "lfu_before" in r]
     if pressed:
         print("\nUnder pressure (fewer slots than a token's experts): LFU before / after its pressure rule\n")

@@ -9,8 +9,8 @@ shows are not what a user will see. This module instead
    choice (interpolated by depth between the reported layers 0, 15 and 31);
 2. replays a trace through a simulator of `experts.expert_cache` (same pinning, prefetch and
    eviction rules; policies lru, lfu with its pressure rule, lfu as it was before that rule,
-   and lfu with ties always to the newest) at Mixtral-8x7B's and 8x22B's shapes (32 x 8 and
-   56 x 8 experts, top-2), with and without a low-bit copy read for second-choice misses;
+   and cyclic) at Mixtral-8x7B's and 8x22B's shapes (32 x 8 and 56 x 8 experts, top-2), with
+   and without a low-bit copy read for second-choice misses;
 3. turns hits into bytes read per token and expected tok/s on a Mac's SSD:
    1 / (GB read per token / SSD GB/s + compute per token).
 
@@ -153,6 +153,7 @@ class CacheSim:
     policy: str
     per_token: int
     low_bit: str | None = None
+    layer: int = 0  # the layer requested last (`cyclic`)
     entries: dict[tuple[int, int], _Entry] = field(default_factory=dict)
     tick: int = 0
     stats: Simulated = field(default_factory=Simulated)
@@ -163,8 +164,11 @@ class CacheSim:
             return None
         if self.policy == "lru":
             return min(candidates, key=lambda kv: kv[1].last_use)[0]
+        if self.policy == "cyclic":
+            layers = self.per_token // 2
+            return max(candidates, key=lambda kv: ((kv[0][0] - self.layer - 1) % layers, -kv[1].last_use))[0]
         pressed = self.slots < self.per_token
-        newest_first = -1 if self.policy == "lfu-newest" or (self.policy == "lfu" and pressed) else 1
+        newest_first = -1 if self.policy == "lfu" and pressed else 1
         return min(candidates, key=lambda kv: (kv[1].uses, newest_first * kv[1].last_use))[0]
 
     def _room(self, must: bool) -> bool:
@@ -176,6 +180,7 @@ class CacheSim:
         return True
 
     def request(self, layer: int, chosen: np.ndarray) -> None:
+        self.layer = layer
         used = []
         for e in sorted(chosen.tolist(), key=lambda e: (layer, e) not in self.entries):
             entry = self.entries.get((layer, e))
@@ -339,9 +344,9 @@ def main() -> None:
               f"last {rates[-1][0]:.3f}/{rates[-1][1]:.3f}; expert load {load.min():.3f}-{load.max():.3f}")
         for mac, budget in MACS[shape.name].items():
             slots = slots_for(shape, budget)
-            for policy in ("lfu", "lfu-before", "lru", "lfu-newest"):
+            for policy in ("lfu", "lfu-before", "lru", "cyclic"):
                 for recall in (args.recall, None):
-                    for low_bits in (None, 2, 3) if policy in ("lfu", "lru") else (None,):
+                    for low_bits in (None, 2, 3) if policy in ("lfu", "lru", "cyclic") else (None,):
                         stats = replay(trace, slots, policy, recall, low_bit="second" if low_bits else None)
                         r = row(shape, mac, budget, stats, args.tokens, low_bits)
                         r.update(policy=policy, prefetch=recall is not None)

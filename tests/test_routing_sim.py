@@ -37,12 +37,13 @@ class _Store:
         pass
 
 
-@pytest.mark.parametrize("policy, slots", [("lru", 5), ("lfu", 5), ("lfu", 12), ("lfu-before", 5)])
+@pytest.mark.parametrize("policy, slots", [("lru", 5), ("lfu", 5), ("lfu", 12), ("lfu-before", 5), ("cyclic", 5),
+                                          ("cyclic", 12)])
 def test_the_simulator_counts_what_the_cache_counts(policy, slots):
     from mlx_mixtral.experts.expert_cache import ExpertCache
 
     trace = paper_trace(4, 120, seed=2)
-    real = ExpertCache(_Store(), capacity=slots * 100, policy="lru" if policy == "lru" else "lfu", prefetch=False,
+    real = ExpertCache(_Store(), capacity=slots * 100, policy=policy.removesuffix("-before"), prefetch=False,
                        per_token=0 if policy == "lfu-before" else 8)
     for t in range(trace.shape[0]):
         for layer in range(4):

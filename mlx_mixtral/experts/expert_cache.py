@@ -13,6 +13,10 @@ fit, an unpinned one is evicted by the policy:
   token then evicts what the next one needs, a loop larger than the cache, which LRU order
   turns into 0% hits; evicting the newest keeps a stable set resident instead, and the hits
   stay near what the capacity allows (benchmarks/RESULTS.md: "No thrash").
+- `cyclic`: the expert whose layer comes round last (ties: the least recently used). Layers run
+  in a fixed order, so the experts of the layer just computed are the ones needed furthest in
+  the future: Belady's rule with the one part of the future that is known. With routing like
+  Mixtral's it hits most (benchmarks/RESULTS.md, "Streaming for the smallest Macs").
 
 Entries are whole experts (gate, up and down projections together), because a routed token
 always needs all three. The cache never holds more than `capacity` bytes, pending reads
@@ -38,7 +42,7 @@ from .expert_store import ExpertStore
 from .low_bit import LowBitCopy
 from .routing import RoutingLog
 
-POLICIES = ("lru", "lfu")
+POLICIES = ("lru", "lfu", "cyclic")
 # Measured (benchmarks/RESULTS.md): 87.8% hits against LRU's 75.0% on the full-shape random model
 # at 10 and 14 GB; 63.7% against 60.8% (25% of the experts cached) and 87.2% against 85.2% (50%)
 # on the trained model with prefetch. Without prefetch LRU does as well or better.
@@ -144,6 +148,7 @@ class ExpertCache:
         self._used = 0
         self.peak_used = 0  # the most the cache ever held, pending reads included
         self._tick = 0
+        self._layer = 0  # the layer fetched last (`cyclic` measures distances from it)
         self._guess: dict[int, set[int]] = {}  # layer -> experts its predecessor expects it to need
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="expert-reader")
@@ -158,6 +163,7 @@ class ExpertCache:
         Those present are pinned before room is made for the others, so a miss never evicts an
         expert the same request is about to use (one a prefetch just read, say)."""
         experts = list(experts)
+        self._layer = layer
         guess = self._guess.pop(layer, None)
         out: dict[int, Future] = {}
         with self._lock:
@@ -245,6 +251,9 @@ class ExpertCache:
         if self.policy == "lfu":
             newest_first = -1 if self.pressed else 1  # see the module docstring
             return min(candidates, key=lambda kv: (kv[1].uses, newest_first * kv[1].last_use))[0]
+        if self.policy == "cyclic":  # how many layers until this one comes round again, the most goes
+            layers = self.store.num_layers
+            return max(candidates, key=lambda kv: ((kv[0][0] - self._layer - 1) % layers, -kv[1].last_use))[0]
         return min(candidates, key=lambda kv: kv[1].last_use)[0]
 
     def _make_room(self, nbytes: int, must: bool = True) -> bool:
