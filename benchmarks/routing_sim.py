@@ -303,7 +303,7 @@ def mixed_cache_reads(trace: np.ndarray, slots: int, low_size: float, warmup: in
 
 
 def levers(shape: Shape, budget: float, tokens: int) -> None:
-    """What else could cut the bytes at one budget (LRU, no prefetch): caching the low-bit copies,
+    """What else could cut the bytes at one budget (cyclic, no prefetch): caching the low-bit copies,
     or every expert at 3 or 2 bits (more of them fit, each read is smaller)."""
     trace = paper_trace(shape.layers, tokens + 100, shape.experts)
     slots = slots_for(shape, budget)
@@ -311,16 +311,16 @@ def levers(shape: Shape, budget: float, tokens: int) -> None:
     def line(what: str, gb: float) -> None:
         print(f"  {what:55} {gb:5.2f} GB/token, {1000 / (gb / 7 * 1000 + shape.compute_ms):.2f} tok/s at 7 GB/s")
 
-    print(f"{shape.name} at {budget} GB, LRU, no prefetch:")
-    line(f"4-bit experts, exact ({slots} slots)", replay(trace, slots, "lru", None).misses / tokens * shape.expert_gb)
-    line("2-bit copy for second-choice misses", row(shape, 0, budget, replay(trace, slots, "lru", None, "second"),
+    print(f"{shape.name} at {budget} GB, cyclic, no prefetch:")
+    line(f"4-bit experts, exact ({slots} slots)", replay(trace, slots, "cyclic", None).misses / tokens * shape.expert_gb)
+    line("2-bit copy for second-choice misses", row(shape, 0, budget, replay(trace, slots, "cyclic", None, "second"),
                                                      tokens, 2)["gb_per_token"])
-    line("2-bit copies of second choices cached too",
+    line("2-bit copies of second choices cached too (LRU by bytes)",
          mixed_cache_reads(trace, slots, LOW_BIT_SIZE[2]) * shape.expert_gb)
     for bits in (3, 2):
         each = shape.expert_gb * (bits + 0.5) / 4.5
         fit = max(0, math.floor((budget - shape.resident_gb - STAGING_GB) / each))
-        line(f"every expert at {bits} bits ({fit} slots)", replay(trace, fit, "lru", None).misses / tokens * each)
+        line(f"every expert at {bits} bits ({fit} slots)", replay(trace, fit, "cyclic", None).misses / tokens * each)
 
 
 def main() -> None:

@@ -35,8 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "auto: what this machine offers. Default: fully resident if the model "
                              "fits, else auto")
     parser.add_argument("--cache-policy", choices=POLICIES, default=DEFAULT_POLICY,
-                        help="which streamed expert to evict: the least often (lfu) or least recently "
-                             "(lru) used (default: %(default)s, the faster in benchmarks/RESULTS.md)")
+                        help="which streamed expert to evict: the least often (lfu) or least recently (lru) "
+                             "used, or the one whose layer comes round last (cyclic) (default: %(default)s; "
+                             "which suits which Mac: README)")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="streaming: do not read the next layer's likely experts ahead")
     parser.add_argument("--miss-bits", type=int, choices=MISS_BITS, default=None,
