@@ -141,9 +141,10 @@ def test_splits_that_cannot_work_are_refused_in_one_line(n, which, needle, hf_ch
     out = launch(n, str(CLI), "generate", "--model", str(folder), "--raw", "--prompt", "hi")
     assert "exited with code 1" in out.stderr  # (mlx.launch itself exits 0 whatever its processes do)
     errors = error_lines(out.stderr)
-    # Each process finds the bad split by itself; one the launcher stops first says that instead.
+    # Each process finds the bad split by itself; one the launcher stops first, or whose peer
+    # ended while it was still joining the ring, says that instead.
     assert any(needle in line for line in errors), out.stderr
-    assert all(needle in line or "another process of this run ended" in line for line in errors), out.stderr
+    assert all(needle in line or "another process of this run" in line for line in errors), out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -273,7 +273,7 @@ def test_ctrl_c_stops_a_reply_keeps_it_and_the_chat_goes_on(chat, tmp_path):
 
 def test_save_then_load_in_a_new_session(chat, tmp_path):
     saved = tmp_path / "chat.json"
-    a = chat("--max-tokens", "4", "--system", "Be brief.")
+    a = chat("--max-tokens", "4", "--system", "Be brief.", "--temp", "0")  # greedy: the same replies each run
     a.say("Hello")
     a.say("Tell me about the sea")
     a.command(f"/save {saved}", r"saved 2 exchanges and its KV cache \(\d+ tokens\) to ")
