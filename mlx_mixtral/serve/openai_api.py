@@ -31,13 +31,13 @@ from typing import Any
 
 from ..constrain import Grammar, check, json_grammar, text_grammar, tool_grammar
 from ..errors import MixtralError
+from ..generate import MAX_TOP_LOGPROBS  # chat's top_logprobs: what the sampler keeps
 from ..sampling import REPETITION_WINDOW, SamplingParams
 from ..tokenizer import ToolCall, ToolCallReader, ToolSyntax, generic_messages, mistral_call_id, tool_syntax
 
 MAX_TOKENS_NAMES = ("max_completion_tokens", "max_tokens", "n_predict", "num_predict")
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; llama-server does not limit)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' legacy integer logprobs
 # Fields that change nothing at their neutral value, and that we refuse at any other.
 UNSUPPORTED = {

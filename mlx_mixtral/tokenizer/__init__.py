@@ -8,9 +8,9 @@ is told about tools and writes its calls, and reads them back.
 
 from .chat_formats import BASE_MODEL_NOTE, ChatFormat, PlainFormat
 from .detokenizer import StreamingDetokenizer
-from .mistral_format import mistral_call_id
+from .mistral_format import mistral_call_id, new_call_id
 from .tokenizer import Tokenizer
-from .tool_calls import GENERIC, ToolCall, ToolCallReader, ToolSyntax, generic_messages, new_call_id, scan_calls, tool_syntax
+from .tool_calls import GENERIC, ToolCall, ToolCallReader, ToolSyntax, generic_messages, scan_calls, tool_syntax
 
 __all__ = ["BASE_MODEL_NOTE", "GENERIC", "ChatFormat", "PlainFormat", "StreamingDetokenizer", "Tokenizer", "ToolCall",
            "ToolCallReader", "ToolSyntax", "generic_messages", "mistral_call_id", "new_call_id", "scan_calls", "tool_syntax"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,11 @@ class _Turn:
     prefix: bool = False
     calls: list[_Call] = field(default_factory=list)
     call_id: str | None = None
+
+
+def new_call_id() -> str:
+    """A fresh call id: 9 letters and digits, which v3 takes as it is."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(9))
 
 
 def mistral_call_id(call_id: str) -> str:

@@ -20,14 +20,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .mistral_format import new_call_id
+
 MARKER = "[TOOL_CALLS]"
 RESULTS = "[TOOL_RESULTS]"
-_ID_ALPHABET = string.ascii_letters + string.digits
 
 
 @dataclass(frozen=True)
@@ -124,11 +123,6 @@ def _objects(text: str) -> list[tuple[int, int, str]]:
             found.append((at, end, text[at:end]))
         at = end
     return found
-
-
-def new_call_id() -> str:
-    """A fresh call id: 9 letters and digits, which Mistral v3's format takes as it is."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(9))
 
 
 def _dumps(value) -> str:
