@@ -36,7 +36,8 @@ from ..distributed.group import single_process
 from ..errors import MixtralError
 from ..tokenizer import BASE_MODEL_NOTE, tool_syntax
 from ..units import gb, parse_size
-from .openai_api import APIError, Defaults, Reply, bad, parse, sse
+from .openai_api import APIError, Defaults, bad, parse
+from .openai_reply import Reply, sse
 from .prompt_pool import PromptPool
 from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler, incident
 
