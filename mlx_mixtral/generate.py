@@ -90,26 +90,28 @@ class GenerationResponse:
     # With logprobs: log-probability of `token` and the best alternatives (id, log-probability)
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    stop_string: str | None = None  # the stop string that ended generation, if one did
 
 
-def _stop_split(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
-    """Split pending text into (safe to emit, held back, stopped).
+def _stop_split(text: str, stops: Sequence[str]) -> tuple[str, str, str | None]:
+    """Split pending text into (safe to emit, held back, the stop string found or None).
 
     Text is held back while its tail could still grow into a stop string; at a stop string the
-    text before it is emitted and generation stops.
+    text before it is emitted and generation stops (at the earliest, the longest one there).
     """
     if not stops:
-        return text, "", False
-    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    if first >= 0:
-        return text[:first], "", True
+        return text, "", None
+    found = [(i, -len(s), s) for s in stops if (i := text.find(s)) >= 0]
+    if found:
+        first, _, stop = min(found)
+        return text[:first], "", stop
     hold = 0
     for s in stops:
         for n in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:n]):
                 hold = max(hold, n)
                 break
-    return text[: len(text) - hold], text[len(text) - hold :], False
+    return text[: len(text) - hold], text[len(text) - hold :], None
 
 
 class PenalizedSampler:
@@ -205,6 +207,7 @@ class _TextStream:
         self._stop = stop
         self._pending = ""
         self.tokens: list[int] = []  # generated ids, EOS excluded
+        self.stopped_by: str | None = None  # the stop string that ended the text
 
     def add(self, token: int, last: bool) -> tuple[str, str | None]:
         """The text `token` makes final, and the finish reason if generation ends here."""
@@ -217,8 +220,8 @@ class _TextStream:
             if last:
                 finish = "length"
                 piece += self._detok.finalize()
-        emit, self._pending, stopped = _stop_split(self._pending + piece, self._stop)
-        if stopped:
+        emit, self._pending, self.stopped_by = _stop_split(self._pending + piece, self._stop)
+        if self.stopped_by is not None:
             return emit, "stop"
         if finish is not None:
             emit, self._pending = emit + self._pending, ""
@@ -307,7 +310,7 @@ def stream_generate(
                 text=emit, token=token, prompt_tokens=len(tokens), prompt_tps=prompt_tps,
                 generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
                 peak_memory_gb=mx.get_peak_memory() / 1e9, finish_reason=finish, tokens=text.tokens,
-                logprob=chosen, top_logprobs=top,
+                logprob=chosen, top_logprobs=top, stop_string=text.stopped_by,
             )
             if finish is not None:
                 return

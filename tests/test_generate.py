@@ -149,9 +149,9 @@ def test_repetition_penalty_window_covers_the_history_before_the_prompt(tiny):
 
 
 def test_stop_strings_are_held_back_until_decided():
-    assert _stop_split("hello wor", ["world"]) == ("hello ", "wor", False)
-    assert _stop_split("hello world and", ["world"]) == ("hello ", "", True)
-    assert _stop_split("abc", []) == ("abc", "", False)
+    assert _stop_split("hello wor", ["world"]) == ("hello ", "wor", None)
+    assert _stop_split("hello world and", ["world"]) == ("hello ", "", "world")
+    assert _stop_split("abc", []) == ("abc", "", None)
 
 
 def test_streamed_text_is_the_decoded_tokens(tiny):

@@ -561,7 +561,7 @@ def test_an_internal_error_shows_the_client_an_id_and_the_log_the_traceback(caps
     import asyncio
     from types import SimpleNamespace
 
-    from mlx_mixtral.serve.openai_api import Defaults
+    from mlx_mixtral.serve.request import Defaults
     from mlx_mixtral.serve.server import create_app
 
     class Broken:

@@ -1,85 +1,75 @@
-"""The OpenAI HTTP API's responses as plain data: one request's reply, whole or as stream chunks.
+"""Chat Completions' and Completions' responses: one request's reply, whole or as stream chunks.
 
 `openai_api` turns a request body into a `Request`; this shapes what goes back for it, as the
-scheduler's events come in: text, tool calls read from the text as it streams
-(`ToolCallReader`), logprobs, the finish reason and usage, in the shapes OpenAI's clients parse.
+scheduler's events come in (`output.Output` reads the text and the tool calls): the text, tool
+calls, logprobs, the finish reason and usage, in the shapes OpenAI's clients parse.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..tokenizer import ToolCall, ToolCallReader
-
-if TYPE_CHECKING:
-    from .openai_api import Request
-
-TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # id, log-probability, best alternatives
+from .output import Output, TokenLogprob, sse
+from .request import APIError, Request
+from .scheduler import Done, Failed, Piece, Started
 
 
 @dataclass
 class Reply:
-    """One request's response, built as generation goes: `add` each piece of text (returns the
-    stream chunks it makes), `finish` at the end, `complete` for the whole (stream: false).
-    A request with tools has its text read for calls (`ToolCallReader`) as it comes."""
+    """One request's response, built as generation goes (see `output.ProtocolReply`)."""
 
     request: Request
     token_bytes: Callable[[int], bytes]
     id: str = ""
     created: int = 0
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    output: Output = field(init=False)
     _unsent: list[TokenLogprob] = field(default_factory=list)  # logprobs not in a chunk yet
-    _reader: ToolCallReader | None = None
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.request.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = self.created or int(time.time())
-        if self.request.tools is not None:
-            self._reader = ToolCallReader(self.request.tools)
-
-    @property
-    def tool_calls(self) -> list[ToolCall]:
-        return self._reader.calls if self._reader is not None else []
+        self.output = Output(self.request)
 
     @property
     def usage(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        out = self.output
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
     # -- as generation goes ----------------------------------------------------------------
 
-    def add(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> list[dict[str, Any]]:
-        """Take a piece of the reply; return the stream chunks it makes."""
-        self.logprobs += logprobs
-        self._unsent += logprobs
-        events = self._reader.feed(text) if self._reader is not None else [("content", text)] if text else []
-        return [self._event_chunk(event) for event in events]
+    def opening(self) -> list[bytes]:
+        return [sse(self.chunk(first=True))] if self.request.chat else []
 
-    def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-               cached_tokens: int) -> list[dict[str, Any]]:
-        """The end: text held back as a possible tool-call marker, then the finish chunk."""
-        chunks = [self._event_chunk(e) for e in self._reader.finish()] if self._reader is not None else []
-        self.finish_reason = "tool_calls" if self.tool_calls and finish_reason == "stop" else finish_reason
-        self.prompt_tokens, self.completion_tokens, self.cached_tokens = prompt_tokens, completion_tokens, cached_tokens
-        return [*chunks, self.chunk(finish_reason=self.finish_reason)]
+    def started(self, event: Started) -> list[bytes]:
+        return []
+
+    def piece(self, event: Piece) -> list[bytes]:
+        self._unsent += event.logprobs
+        return [sse(self._event_chunk(e)) for e in self.output.feed(event.text, event.logprobs)]
+
+    def done(self, event: Done) -> list[bytes]:
+        """The end: text held back as a possible tool-call marker, the finish chunk, usage, [DONE]."""
+        chunks = [self._event_chunk(e) for e in self.output.end(event)]
+        chunks.append(self.chunk(finish_reason=self.output.finish_reason))
+        if self.request.include_usage:
+            chunks.append({**self._envelope(True), "choices": [], "usage": self.usage})
+        return [*map(sse, chunks), sse("[DONE]")]
+
+    def failed(self, event: Failed) -> list[bytes]:
+        """An error event instead of [DONE]: a partial reply never looks finished."""
+        return [sse(APIError(event.status, event.message, "server_error").body())]
 
     def _event_chunk(self, event: tuple) -> dict[str, Any]:
         kind = event[0]
         if kind == "content":
-            self.text += event[1]
             return self.chunk(event[1])
-        call: ToolCall = event[1]
+        call = event[1]
         if kind == "call":
             delta = {"index": call.index, "id": call.id, "type": "function",
                      "function": {"name": call.name, "arguments": ""}}
@@ -97,12 +87,10 @@ class Reply:
         """OpenAI's logprobs object for `entries`: chat's `content` list, or completions' legacy lists."""
         if self.request.logprobs is None:
             return None
-        token = lambda i: self.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
         if self.request.chat:
-            return {"content": [{"token": token(t), "logprob": lp, "bytes": list(self.token_bytes(t)),
-                                 "top_logprobs": [{"token": token(a), "logprob": alp, "bytes": list(self.token_bytes(a))}
-                                                  for a, alp in top]} for t, lp, top in entries], "refusal": None}
-        offsets, at = [], len(self.text) - sum(len(token(t)) for t, _, _ in entries)
+            return {"content": token_logprobs(entries, self.token_bytes), "refusal": None}
+        token = lambda i: self.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
+        offsets, at = [], len(self.output.text) - sum(len(token(t)) for t, _, _ in entries)
         for t, _, _ in entries:
             offsets.append(max(at, 0))
             at += len(token(t))
@@ -113,19 +101,21 @@ class Reply:
         """The whole assistant message; a call cut short by max_tokens is left out (its arguments
         would not parse), and finish_reason "length" says the reply was cut."""
         calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                 for c in self.tool_calls if _parses(c.arguments)]
-        message: dict[str, Any] = {"role": "assistant", "content": self.text if self.text or not calls else None}
+                 for c in self.output.complete_calls]
+        text = self.output.text
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
         if calls:
             message["tool_calls"] = calls
         return message
 
-    def complete(self) -> dict[str, Any]:
+    def whole(self) -> dict[str, Any]:
         """The whole response (stream: false)."""
-        logprobs = self._logprobs(self.logprobs)
+        logprobs = self._logprobs(self.output.logprobs)
+        finish = self.output.finish_reason
         if self.request.chat:
-            choice = {"index": 0, "message": self._message(), "logprobs": logprobs, "finish_reason": self.finish_reason}
+            choice = {"index": 0, "message": self._message(), "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": self.text, "logprobs": logprobs, "finish_reason": self.finish_reason}
+            choice = {"index": 0, "text": self.output.text, "logprobs": logprobs, "finish_reason": finish}
         return {**self._envelope(False), "choices": [choice], "usage": self.usage}
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False,
@@ -149,19 +139,12 @@ class Reply:
             out["usage"] = None  # OpenAI: every chunk has it, null until the last
         return out
 
-    def usage_chunk(self) -> dict[str, Any]:
-        """The last event of a stream with include_usage: no choices, the usage."""
-        return {**self._envelope(True), "choices": [], "usage": self.usage}
 
+def token_logprobs(entries: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:
+    """OpenAI's per-token logprob objects (chat's `logprobs.content`, the Responses API's
+    `output_text.logprobs`): token text, log-probability, bytes, the best alternatives."""
+    def one(t: int, lp: float) -> dict[str, Any]:
+        raw = token_bytes(t)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": lp, "bytes": list(raw)}
 
-def _parses(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    """One server-sent event."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+    return [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in top]} for t, lp, top in entries]

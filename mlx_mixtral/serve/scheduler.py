@@ -41,6 +41,13 @@ class Piece:
 
 
 @dataclass
+class Started:
+    """The job left the queue: `cached_tokens` of its prompt are reused from the prompt cache."""
+
+    cached_tokens: int
+
+
+@dataclass
 class Done:
     """The reply is complete."""
 
@@ -48,6 +55,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 def incident(error: BaseException) -> str:
@@ -68,7 +76,7 @@ class Failed:
     status: int = 500  # 503: the server is going down
 
 
-Event = Piece | Done | Failed
+Event = Started | Piece | Done | Failed
 
 
 @dataclass
@@ -190,6 +198,7 @@ class Scheduler:
         entry = self.pool.take(job.prompt)
         fed = entry.prepare(job.prompt)
         cached = len(entry.ids)
+        job.send(Started(cached))
         last = None
         try:
             for last in stream_generate(self.model, self.tokenizer, fed, max_tokens=job.max_tokens,
@@ -220,4 +229,4 @@ class Scheduler:
             return
         self.counts["completed"] += 1
         job.send(Done(finish_reason=last.finish_reason, prompt_tokens=len(job.prompt),
-                      completion_tokens=last.generation_tokens, cached_tokens=cached))
+                      completion_tokens=last.generation_tokens, cached_tokens=cached, stop_sequence=last.stop_string))

@@ -1,13 +1,17 @@
-"""`mlx-mixtral serve`: an OpenAI-compatible HTTP server for editors, agents and chat front ends.
+"""`mlx-mixtral serve`: an HTTP server for editors, agents and chat front ends, speaking OpenAI's
+Chat Completions and Responses APIs and Anthropic's Messages API.
 
 Built on Starlette (routing, requests, responses) served by uvicorn (the reference ASGI server),
 both small, pure-Python and widely deployed: the `serve` extra installs them. Server-sent events
 are written by `EventStream`, which also watches the connection, so a client that goes away
 cancels its generation at the next token even while it waits in the queue.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions (streamed with `stream: true`),
-GET /v1/models, GET /health. Requests are checked by `openai_api`, queued and run by
-`scheduler`, and reuse the KV state of earlier conversations through `prompt_pool`.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (and GET
+/v1/responses/ID), POST /v1/messages and /v1/messages/count_tokens (each also without /v1),
+GET /v1/models, GET /health. Each protocol's module (`openai_api`, `responses_api`,
+`anthropic_api`) turns its body into the one `request.Request` and shapes the reply; requests are
+queued and run by `scheduler`, and reuse the KV state of earlier conversations through
+`prompt_pool`, whichever protocol they came in.
 """
 
 from __future__ import annotations
@@ -36,10 +40,14 @@ from ..distributed.group import single_process
 from ..errors import MixtralError
 from ..tokenizer import BASE_MODEL_NOTE, tool_syntax
 from ..units import gb, parse_size
-from .openai_api import APIError, Defaults, bad, parse
-from .openai_reply import Reply, sse
+from . import anthropic_api, responses_api
+from .openai_api import parse
+from .openai_reply import Reply
+from .output import ProtocolReply
 from .prompt_pool import PromptPool
-from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler, incident
+from .request import APIError, Defaults, Request, bad
+from .responses_api import ResponseStore
+from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler, Started, incident
 
 # Browser pages served from this machine may call the API; any other origin only when named with
 # --allow-origin (any web page the user visits could otherwise read the local model).
@@ -56,15 +64,12 @@ try:
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
+    from starlette.requests import ClientDisconnect
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 except ImportError:  # the `serve` extra is not installed: `run` says so in one line
     Starlette = None
-
-
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 async def _read_json(request: HTTPRequest) -> Any:
@@ -86,6 +91,8 @@ async def _read_json(request: HTTPRequest) -> Any:
 
     try:
         body = await asyncio.wait_for(read(), BODY_TIMEOUT)
+    except ClientDisconnect:
+        raise ClientGone() from None
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT:.0f} s", code="request_timeout") from None
     try:
@@ -115,14 +122,14 @@ async def _next(events: asyncio.Queue, gone: asyncio.Task):
 
 
 class EventStream:
-    """A reply streamed as server-sent events (an ASGI response), ending with `data: [DONE]` only
-    when complete: a failure mid-way sends an error event instead, so a partial reply never looks
-    finished."""
+    """A reply streamed as server-sent events (an ASGI response), each protocol's events shaped by
+    its reply (`output.ProtocolReply`); a failure mid-way sends the protocol's error event, so a
+    partial reply never looks finished."""
 
     headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 
-    def __init__(self, reply: Reply, job: Job, events: asyncio.Queue):
+    def __init__(self, reply: ProtocolReply, job: Job, events: asyncio.Queue):
         self.reply, self.job, self.events = reply, job, events
 
     async def __call__(self, scope, receive, send) -> None:
@@ -140,26 +147,21 @@ class EventStream:
 
     async def _events(self, gone: asyncio.Task):
         reply = self.reply
-        if reply.request.chat:
-            yield sse(reply.chunk(first=True))
+        for data in reply.opening():
+            yield data
         while (event := await _next(self.events, gone)) is not None:
-            if isinstance(event, Piece):
-                for chunk in reply.add(event.text, event.logprobs):
-                    yield sse(chunk)
-            elif isinstance(event, Failed):
-                yield sse(APIError(event.status, event.message, "server_error").body())
-                return
-            elif isinstance(event, Done):
-                for chunk in _finish(reply, event):
-                    yield sse(chunk)
-                if reply.request.include_usage:
-                    yield sse(reply.usage_chunk())
-                yield sse("[DONE]")
+            for data in _handler(reply, event)(event):
+                yield data
+            if isinstance(event, (Done, Failed)):
                 return
 
 
-def _finish(reply: Reply, done: Done) -> list[dict[str, Any]]:
-    return reply.finish(done.finish_reason, done.prompt_tokens, done.completion_tokens, done.cached_tokens)
+def _handler(reply: ProtocolReply, event):
+    return {Started: reply.started, Piece: reply.piece, Done: reply.done, Failed: reply.failed}[type(event)]
+
+
+class ClientGone(Exception):
+    """The client hung up before its request was read: nobody to answer, nothing went wrong."""
 
 
 def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: str | None = None,
@@ -172,20 +174,21 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     started = int(time.time())
 
-    expected = f"Bearer {api_key}".encode() if api_key is not None else b""
+    store = ResponseStore()
 
     def check_key(request: HTTPRequest) -> None:
-        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-        if api_key is not None and not hmac.compare_digest(given, expected):  # constant time
-            raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
+        """The key, as OpenAI's clients send it (Authorization: Bearer) or Anthropic's (x-api-key),
+        compared in constant time."""
+        if api_key is None:
+            return
+        bearer = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        header = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
+        if not (hmac.compare_digest(bearer, f"Bearer {api_key}".encode()) | hmac.compare_digest(header, api_key.encode())):
+            raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY' "
+                                "(or 'x-api-key: KEY')", "authentication_error", code="invalid_api_key")
 
-    async def completions(request: HTTPRequest, chat: bool) -> Response | EventStream:
-        check_key(request)
-        body = await _read_json(request)
-        # Tokenizing a multi-megabyte prompt takes seconds: off the event loop, so /health and
-        # the other clients are answered meanwhile.
-        req = await asyncio.to_thread(parse, body, chat, tokenizer, served, context, vocab, defaults)
+    async def answer(request: HTTPRequest, req: Request, reply: ProtocolReply) -> Response | EventStream:
+        """Queue `req`; stream its reply, or wait for all of it (the client may leave meanwhile)."""
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(req.prompt, req.max_tokens, req.sampling, req.seed, req.stop,
@@ -196,29 +199,51 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
         except Busy as e:
             raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(e.retry_after)}) from None
-        reply = Reply(req, tokenizer.token_bytes)
         if req.stream:
             return EventStream(reply, job, events)
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             while (event := await _next(events, gone)) is not None:
-                if isinstance(event, Piece):
-                    reply.add(event.text, event.logprobs)
-                elif isinstance(event, Failed):
+                if isinstance(event, Failed):
                     raise APIError(event.status, event.message, "server_error")
-                elif isinstance(event, Done):
-                    _finish(reply, event)
-                    return JSONResponse(reply.complete())
+                _handler(reply, event)(event)
+                if isinstance(event, Done):
+                    return JSONResponse(reply.whole())
             return Response(status_code=499)  # the client is gone: nobody reads this
         finally:
             gone.cancel()
             job.cancel()
 
+    async def read(request: HTTPRequest, parse_body, *args):
+        """The request's body, checked and parsed by `parse_body` (tokenizing a multi-megabyte
+        prompt takes seconds: off the event loop, so /health and the other clients are answered)."""
+        check_key(request)
+        body = await _read_json(request)
+        return await asyncio.to_thread(parse_body, body, *args, tokenizer, served, context, vocab, defaults)
+
     async def chat_completions(request: HTTPRequest) -> Response | EventStream:
-        return await completions(request, chat=True)
+        req = await read(request, parse, True)
+        return await answer(request, req, Reply(req, tokenizer.token_bytes))
 
     async def text_completions(request: HTTPRequest) -> Response | EventStream:
-        return await completions(request, chat=False)
+        req = await read(request, parse, False)
+        return await answer(request, req, Reply(req, tokenizer.token_bytes))
+
+    async def responses(request: HTTPRequest) -> Response | EventStream:
+        asked = await read(request, responses_api.parse, store)
+        return await answer(request, asked.request, responses_api.ResponseReply(asked, tokenizer.token_bytes, store))
+
+    async def stored_response(request: HTTPRequest) -> Response:
+        check_key(request)
+        return JSONResponse(store.response(request.path_params["id"]))
+
+    async def messages(request: HTTPRequest) -> Response | EventStream:
+        req = await read(request, anthropic_api.parse)
+        return await answer(request, req, anthropic_api.MessageReply(req))
+
+    async def count_tokens(request: HTTPRequest) -> Response:
+        req = await read(request, anthropic_api.parse_count)
+        return JSONResponse({"input_tokens": len(req.prompt)})
 
     def model_card() -> dict[str, Any]:
         return {"id": served, "object": "model", "created": started, "owned_by": "mlx-mixtral"}
@@ -262,14 +287,22 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
         })
 
     async def api_error(request: HTTPRequest, e: APIError) -> Response:
-        return _error_response(e)
+        """The error in the shape of the protocol the client speaks."""
+        if anthropic_api.speaks(request.url.path):
+            status, body = anthropic_api.error(e)
+            return JSONResponse(body, status_code=status, headers=e.headers)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def http_error(request: HTTPRequest, e: HTTPException) -> Response:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind))
+        return await api_error(request, APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind))
+
+    async def client_gone(request: HTTPRequest, e: ClientGone) -> Response:
+        print(f"note: a client hung up while sending {request.method} {request.url.path}", file=sys.stderr, flush=True)
+        return Response(status_code=499)  # nobody reads it
 
     async def server_error(request: HTTPRequest, e: Exception) -> Response:
-        return _error_response(APIError(500, incident(e), "server_error"))
+        return await api_error(request, APIError(500, incident(e), "server_error"))
 
     routes = [Route("/health", health, methods=["GET"]),
               Route("/api/tags", ollama_tags, methods=["GET"]),
@@ -278,7 +311,11 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
         routes += [Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
                    Route(f"{prefix}/completions", text_completions, methods=["POST"]),
                    Route(f"{prefix}/models", models, methods=["GET"]),
-                   Route(f"{prefix}/models/{{name:path}}", one_model, methods=["GET"])]
+                   Route(f"{prefix}/models/{{name:path}}", one_model, methods=["GET"]),
+                   Route(f"{prefix}/responses", responses, methods=["POST"]),
+                   Route(f"{prefix}/responses/{{id}}", stored_response, methods=["GET"]),
+                   Route(f"{prefix}/messages", messages, methods=["POST"]),
+                   Route(f"{prefix}/messages/count_tokens", count_tokens, methods=["POST"])]
     if "*" in allow_origins:  # asked for by name: any page may call the API
         origins: dict[str, Any] = {"allow_origins": ["*"]}
     else:
@@ -286,7 +323,8 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
     middleware = [Middleware(CORSMiddleware, **origins, allow_methods=["GET", "POST", "OPTIONS"],
                              allow_headers=["*"], max_age=600)]
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
+                     exception_handlers={APIError: api_error, HTTPException: http_error, ClientGone: client_gone,
+                                         Exception: server_error})
 
 
 # --------------------------------------------------------------------------------------------
