@@ -487,3 +487,42 @@ def test_anthropic_keys_and_routes(server):
     assert m.usage.output_tokens == 1
     r = server.post("/messages?beta=true", {"max_tokens": 1, "messages": [{"role": "user", "content": "x"}]})
     assert r.status == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+# --------------------------------------------------------------------------------------------
+# Every protocol
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_forced_tool_is_exactly_one_call_in_every_protocol_and_stream(server):
+    """A named tool choice (and Anthropic's `tool`) is one call, streamed or not, whatever the
+    model would write next; so is a reply with parallel calls turned off."""
+    oa, an = openai_client(server), anthropic_client(server)
+    budget = 120  # room for several calls, were they allowed
+    for seed in range(2):
+        chat_calls = oa.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Search."}], max_tokens=budget, seed=seed, temperature=1,
+            tools=[_chat_tool(WEATHER), _chat_tool(SEARCH)],
+            tool_choice={"type": "function", "function": {"name": "search"}}).choices[0].message.tool_calls
+        streamed = oa.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Search."}], max_tokens=budget, seed=seed, temperature=1,
+            tools=[_chat_tool(SEARCH)], parallel_tool_calls=False, tool_choice="required", stream=True)
+        streamed_ids = {tc.index for chunk in streamed for tc in (chunk.choices[0].delta.tool_calls or [])}
+        response = oa.responses.create(model=NAME, input="Search.", tools=[_responses_tool(WEATHER), _responses_tool(SEARCH)],
+                                       tool_choice={"type": "function", "name": "search"}, max_output_tokens=budget,
+                                       temperature=1, extra_body={"seed": seed})
+        got = events(server, "/v1/responses", {"input": "Search.", "tools": [_responses_tool(SEARCH)], "stream": True,
+                                               "tool_choice": {"type": "function", "name": "search"}, "seed": seed,
+                                               "max_output_tokens": budget, "temperature": 1})
+        message = an.messages.create(model="claude-x", max_tokens=budget, messages=[{"role": "user", "content": "Search."}],
+                                     tools=[_anthropic_tool(WEATHER), _anthropic_tool(SEARCH)],
+                                     tool_choice={"type": "tool", "name": "search"}, extra_body={"seed": seed})
+        with an.messages.stream(model="claude-x", max_tokens=budget, messages=[{"role": "user", "content": "Search."}],
+                                tools=[_anthropic_tool(SEARCH)], extra_body={"seed": seed},
+                                tool_choice={"type": "any", "disable_parallel_tool_use": True}) as stream:
+            final = stream.get_final_message()
+        assert [c.function.name for c in chat_calls] == ["search"] and streamed_ids == {0}
+        assert [item.name for item in response.output if item.type == "function_call"] == ["search"]
+        assert [d["item"]["name"] for _, d in got if d["type"] == "response.output_item.done"] == ["search"]
+        assert [b.name for b in message.content if b.type == "tool_use"] == ["search"]
+        assert [b.name for b in final.content if b.type == "tool_use"] == ["search"]

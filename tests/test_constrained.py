@@ -154,6 +154,61 @@ def test_a_schema_llguidance_cannot_compile_is_named_in_one_line(loaded, schema,
     assert needle in str(error.value) and "\n" not in str(error.value)
 
 
+def accepts(grammar, tokenizer, ids: list[int]) -> bool:
+    """Whether `grammar` takes exactly these ids as a whole reply."""
+    import llguidance
+
+    from mlx_mixtral.constrain.vocabulary import llg_tokenizer
+
+    matcher = llguidance.LLMatcher(llg_tokenizer(tokenizer), llguidance.LLMatcher.grammar_from_lark(grammar.lark),
+                                   log_level=0)
+    return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+
+OPEN = {"type": "object", "properties": {"a": {"type": "integer"}, "inner": {"type": "array", "items": {
+    "type": "object", "properties": {"x": {"type": "integer"}}}}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("schema, text, ok", [
+    (OPEN, '{"a":1}', True),
+    (OPEN, '{"a":1,"inner":[{"x":2}]}', True),
+    (OPEN, '{"a":1,"b":2}', False),  # no additionalProperties: only the declared keys
+    (OPEN, '{"a":1,"inner":[{"x":2,"y":3}]}', False),  # nested objects too
+    ({**OPEN, "additionalProperties": True}, '{"a":1,"b":2}', True),  # said: honoured
+    ({**OPEN, "additionalProperties": {"type": "integer"}}, '{"a":1,"b":2}', True),
+    ({**OPEN, "additionalProperties": {"type": "integer"}}, '{"a":1,"b":"x"}', False),
+    ({"type": "object"}, '{"z":1}', True),  # no properties listed: any object
+    ({"allOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]},
+     '{"a":1,"b":2}', True),  # each branch sees only part of the keys
+])
+def test_objects_that_do_not_say_additional_properties_get_only_their_own(loaded, schema, text, ok):
+    _, tokenizer = loaded("v1")
+    assert accepts(json_grammar(schema), tokenizer, tokenizer.encode_text(text)) == ok
+    if ok:
+        jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("member", ["v3", "v1"])
+def test_a_named_tool_or_no_parallel_calls_means_exactly_one_call(loaded, member):
+    """OpenAI's forced function is "call exactly one specific function"; parallel_tool_calls false
+    is at most one call. The grammar takes one call and refuses a second."""
+    _, tokenizer = loaded(member)
+    syntax = tool_syntax(tokenizer.chat_format)
+    one = '{"name": "search", "arguments": {"q": "a"}}'
+    calls = {n: [syntax.marker_id] * (syntax.marker_id is not None) + tokenizer.encode_text(
+        ("" if syntax.marker_id is not None else syntax.marker) + syntax.opening.lstrip()  # (encode_text adds "▁")
+        + syntax.between.join([one] * n)
+        + syntax.closing) for n in (1, 2)}
+    from mlx_mixtral.serve.request import function_tools
+
+    forced = function_tools(TOOLS, "required", "search", True)
+    assert forced.parallel is False and forced.choice == "required"
+    for grammar in (tool_grammar(syntax, TOOLS, True, "search", forced.parallel),
+                    tool_grammar(syntax, TOOLS, False, None, parallel=False)):
+        assert accepts(grammar, tokenizer, calls[1]) and not accepts(grammar, tokenizer, calls[2])
+    assert accepts(tool_grammar(syntax, TOOLS, True, None, parallel=True), tokenizer, calls[2])
+
+
 @pytest.mark.parametrize("member", ["v3", "v1", "chatml", "hermes"])
 def test_a_required_call_is_written_in_the_models_syntax(loaded, member):
     model, tokenizer = loaded(member)

@@ -5,6 +5,8 @@ JSON is written on one line with fixed separators (compact by default: `{"a":1,"
 grammar that allows any whitespace lets a model emit whitespace until it runs out of tokens. One
 optional space may come first, because a sentencepiece reply's first piece usually carries "▁".
 
+An object schema that lists its properties and says nothing of others gets only those (`closed`).
+
 A tool-call grammar allows either text (or the response format's JSON) or the calls: the
 syntax's marker, then `{"name": ..., "arguments": ...}` objects (a JSON list, or each in the
 template's wrapper), written with the separators the model was trained on (`ToolSyntax`), each
@@ -42,7 +44,42 @@ class Grammar:
 def _json_rule(name: str, schema: dict, separators: tuple[str, str]) -> str:
     """`name: %json {...}`: llguidance's JSON schema rule, whitespace fixed to `separators`."""
     options = {"whitespace_flexible": False, "item_separator": separators[0], "key_separator": separators[1]}
-    return f"{name}: %json {json.dumps({**schema, 'x-guidance': options})}"
+    return f"{name}: %json {json.dumps({**closed(schema), 'x-guidance': options})}"
+
+
+_SUBSCHEMAS = ("items", "additionalItems", "contains", "propertyNames", "not", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+
+
+def closed(schema: Any, close: bool = True) -> Any:
+    """`schema` with every object that lists its `properties` but does not say
+    `additionalProperties` closed to them (llama.cpp's default): a model that rambles would
+    otherwise add keys until it runs out of tokens, and what it writes still validates against
+    the schema as given. `additionalProperties: true` or a schema for them, `patternProperties`
+    and `unevaluatedProperties` are honoured as written; an object without `properties` stays any
+    object; the branches of an `allOf` stay open (each sees only part of the keys)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMAS:
+        if key in out:
+            out[key] = [closed(s) for s in out[key]] if isinstance(out[key], list) else closed(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [closed(s, close=False) for s in out["allOf"]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(s) for k, s in out[key].items()}
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = closed(out["additionalProperties"])
+    if (close and isinstance(out.get("properties"), dict) and not {"additionalProperties", "patternProperties",
+                                                                    "unevaluatedProperties"} & out.keys()
+            and "allOf" not in out):
+        out["additionalProperties"] = False
+    return out
 
 
 def _schema(value: Any, what: str) -> dict:
