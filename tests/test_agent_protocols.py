@@ -271,6 +271,16 @@ def test_previous_response_id_continues_the_stored_conversation(server):
         assert caught.value.status_code == 404 and missing in str(caught.value)
 
 
+def test_output_text_logprobs_are_chat_completions_logprobs(server):
+    expected = chat(server, [{"role": "user", "content": "Hi"}], max_tokens=5, logprobs=True, top_logprobs=2)
+    r = openai_client(server).responses.create(model=NAME, input="Hi", max_output_tokens=5, temperature=0,
+                                               include=["message.output_text.logprobs"], top_logprobs=2)
+    got = [lp.model_dump() for lp in r.output[0].content[0].logprobs]
+    assert got == expected["choices"][0]["logprobs"]["content"] and len(got) == 5 and r.top_logprobs == 2
+    plain = openai_client(server).responses.create(model=NAME, input="Hi", max_output_tokens=5, temperature=0)
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_tools_codex_sends_that_cannot_run_here_are_left_out_and_logged(server):
     tools = [{"type": "web_search"}, {"type": "local_shell"}, {"type": "custom", "name": "apply_patch",
                                                                  "format": {"type": "grammar"}},
