@@ -169,6 +169,29 @@ def test_v3_random_conversations_match_mistral_common(v3, v3_reference) -> None:
     assert 150 < accepted < 300  # both kinds really exercised
 
 
+@pytest.mark.parametrize("version", [3, 1])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_raw_prompts_around_control_tokens_are_transformers_ids(tmp_path: Path, version: int, legacy: bool) -> None:
+    """A raw prompt (`generate --raw`, cache-prompt, /v1/completions) with the chat markup typed in
+    gets transformers' ids for the folder: a non-legacy folder, as Mistral ships 8x22B, gives
+    `[INST] Hello` as `[INST] ▁Hello` (as trained), never with a stray `▁` after the control token.
+    Random texts mixing control tokens, spaces and newlines."""
+    from transformers import AutoTokenizer
+
+    model, template = ((folders.V3_MODEL, folders.INSTRUCT_V3_TEMPLATE) if version == 3
+                       else (folders.V1_MODEL, folders.INSTRUCT_V1_TEMPLATE))
+    folder = folders._write(tmp_path / "tok", folders._config(template=template, legacy=legacy), model)
+    ours, hf = Tokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder)
+    if version == 3 and not legacy:
+        assert ours.encode("[INST] Hello[/INST]") == [1, 3, 23325, 4]
+    pieces = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "</s>", "<s>", " ", "  ", "\n", "\n\n",
+              "Hello", "x", " Hi", "é", "\t", "{\"a\": 1}", "  two", "end "]
+    rng = random.Random(version * 10 + legacy)
+    for _ in range(150):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 7)))
+        assert ours.encode(text) == hf.encode(text), repr(text)
+
+
 def test_v1_has_no_tools_and_says_so(tmp_path: Path) -> None:
     v1 = Tokenizer.from_folder(folders.instruct_v1(tmp_path / "v1"))
     assert v1.chat_format.name == "Mistral v1 ([INST] text)"

@@ -13,8 +13,9 @@ Two ways to encode, for two kinds of text:
   text between them is split as the model was trained: for a model with a Jinja chat template
   (a fine-tune trained through transformers) exactly as transformers' tokenizer for this folder
   splits it (`tokenizer_files.Normalization`, the folder's merge order), so typing the model's own
-  chat markup gives transformers' ids; for Mistral's own tokenizers and base models as
-  sentencepiece (mistral-common) splits it, each run with its "▁" prefix.
+  chat markup gives transformers' ids. The same for Mistral's own tokenizers and base models: a
+  folder that is not `legacy` puts the "▁" prefix only at the very start of the text, so text
+  typed after a control token (`[INST] Hello`) gets the ids the model was trained on.
 """
 
 from __future__ import annotations
@@ -78,9 +79,6 @@ class Tokenizer:
             digest.update(f"\0{token.id}\0{token.content}\0{token.special:d}".encode())
         self.fingerprint = digest.hexdigest()[:32]
         self.chat_format = choose_format(self)
-        # Text between added tokens is split as the model was trained: transformers' way for a
-        # template model (a fine-tune trained through transformers), sentencepiece's for Mistral's.
-        self._transformers_text = self.chat_format.kind == "template"
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
@@ -154,10 +152,14 @@ class Tokenizer:
         return ids + self._encode_run("".join(run), at_start=run_start == 0)
 
     def _encode_run(self, text: str, at_start: bool) -> list[int]:
-        """Ids of a run of text between added tokens, as transformers' normalization makes it."""
+        """Ids of a run of text between added tokens, as transformers' normalization makes it for
+        this folder (its `legacy` flag or tokenizer.json): for Mistral's own folders too, where a
+        non-legacy tokenizer gives `[INST] Hello` as `[INST] ▁Hello`, the form the model was trained
+        on, not sentencepiece's `[INST] ▁ ▁Hello`. A bare tokenizer.model (no folder) has no
+        transformers counterpart: sentencepiece's split, as mistral-common's."""
         if not text:
             return []
-        if not self._transformers_text:
+        if self.files.folder is None:
             return self._sp.encode(text)
         if self._sp_hf is None:
             self._sp_hf = self._transformers_model()
