@@ -86,6 +86,8 @@ def check_destination(dst: Path, force: bool, source: Path | None = None) -> Non
         src, out = source.resolve(), dst.resolve()
         if src == out or out in src.parents:
             raise MixtralError(f"{dst}: is (or holds) the source checkpoint; pick another --mlx-path")
+    if dst.exists() and not (dst.is_dir() or dst.is_file()):  # --force never replaces a device or a pipe
+        raise MixtralError(f"{dst}: is a device, pipe or socket, not a folder; pick another --mlx-path")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise MixtralError(f"{dst}: already exists; pick another --mlx-path or pass --force to replace it")
 

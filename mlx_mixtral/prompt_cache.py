@@ -27,7 +27,7 @@ import numpy as np
 from .cache import make_cache
 from .checkpoint import MAX_HEADER_BYTES, read_header
 from .errors import MixtralError
-from .files import reason, regular_file, sync_folder
+from .files import in_place, reason, regular_file, write_whole
 from .kv_format import FLOAT, KVFormat, kv_format
 
 FORMAT, VERSION = "mlx-mixtral-prompt-cache", "3"
@@ -163,23 +163,10 @@ def save(path: str | os.PathLike, prompt_cache: PromptCache, tokenizer, extra: d
     metadata["digest"] = _digest(arrays, metadata)
     if not path.parent.is_dir():
         raise MixtralError(f"cannot save the KV cache to {path}: no folder {path.parent}")
-    if not os.access(path.parent, os.W_OK):  # MLX's own writer would only say "cannot open"
+    if not os.access(path.parent, os.W_OK) and not in_place(path):  # MLX's own writer would only say "cannot open"
         raise MixtralError(f"cannot save the KV cache to {path}: the folder is not writable: choose another place")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.partial.safetensors"
-    try:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        sync_folder(path.parent)
-    except (OSError, RuntimeError, ValueError) as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # nothing of ours could be written there either
-        why = reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
-        raise MixtralError(f"cannot save the KV cache to {path}: {why} (nothing was changed there)") from None
-    return path
+    return write_whole(path, "KV cache", lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=metadata),
+                       suffix=".safetensors")
 
 
 def peek(path: str | os.PathLike) -> dict[str, Any]:

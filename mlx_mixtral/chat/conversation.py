@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from .. import prompt_cache
 from ..errors import MixtralError
-from ..files import atomic_write, reason, regular_file
+from ..files import atomic_write, in_place, reason, regular_file
 from ..generate import GenerationResponse, stream_generate
 from ..kv_format import FLOAT, KVFormat
 from ..prompt_cache import PromptCache
@@ -285,8 +285,11 @@ class ChatSession:
         """Write the conversation as JSON to `path` and, beside it (`path` + ".kv"), its KV cache:
         always (`kv=True`), never (False), or when it takes at most KV_SAVE_LIMIT (None).
         Returns (path, whether the KV cache was saved). A stale .kv beside it is removed. A model
-        split over processes keeps no .kv (each process holds a different part of the cache)."""
+        split over processes keeps no .kv (each process holds a different part of the cache), nor
+        does a conversation written to a device (`/dev/stdout`): nothing is put beside a device."""
         path = self.conversation.save(path, self.tokenizer.chat_format.fingerprint)
+        if in_place(path):
+            return path, False
         kv_path = kv_file(path)
         split = self.model.runtime.split is not None
         keep = bool(self.cache.ids) and not split and (kv if kv is not None else self.cache.nbytes <= KV_SAVE_LIMIT)
