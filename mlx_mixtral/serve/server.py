@@ -72,6 +72,10 @@ except ImportError:  # the `serve` extra is not installed: `run` says so in one 
     Starlette = None
 
 
+class ClientGone(Exception):
+    """The client hung up before its request was read: nobody to answer, nothing went wrong."""
+
+
 async def _read_json(request: HTTPRequest) -> Any:
     """The body as JSON, refusing bodies over MAX_BODY_BYTES before reading them all, and bodies
     that trickle in slower than BODY_TIMEOUT allows (a client must not hold a slot forever)."""
@@ -158,10 +162,6 @@ class EventStream:
 
 def _handler(reply: ProtocolReply, event):
     return {Started: reply.started, Piece: reply.piece, Done: reply.done, Failed: reply.failed}[type(event)]
-
-
-class ClientGone(Exception):
-    """The client hung up before its request was read: nobody to answer, nothing went wrong."""
 
 
 def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: str | None = None,
