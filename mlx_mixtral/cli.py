@@ -12,6 +12,8 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 from rich.console import Console
@@ -244,8 +246,21 @@ def _convert_parser(sub) -> None:
     p.set_defaults(func=convert_cli.run)
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml), with MLX's: what a bug report needs."""
+    try:
+        ours = package_version("mlx-mixtral")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        ours = "unknown (not installed)"
+    try:
+        return f"{ours} (mlx {package_version('mlx')})"
+    except PackageNotFoundError:
+        return ours
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-mixtral", description="Mixtral on your Mac with MLX.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _chat_parser(sub)

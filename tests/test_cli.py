@@ -177,3 +177,12 @@ def test_an_unexpected_error_is_one_line_unless_debugging(model_path, monkeypatc
     monkeypatch.setenv("MLX_MIXTRAL_DEBUG", "1")
     with pytest.raises(ValueError, match="something inside broke"):
         main(_raw(model_path))
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    r = subprocess.run(["mlx-mixtral", "--version"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.strip() == f"mlx-mixtral {version('mlx-mixtral')} (mlx {version('mlx')})"
