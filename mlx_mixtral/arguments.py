@@ -15,7 +15,7 @@ from collections.abc import Callable
 from .distributed.group import peer_lost, world
 from .errors import MixtralError
 from .experts.budget import AUTO
-from .experts.expert_cache import DEFAULT_POLICY, POLICIES
+from .experts.expert_cache import POLICIES
 from .experts.low_bit import MISS_BITS
 from .kv_format import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, KVFormat, kv_format
 from .loading import load_model, resolve, would_fit
@@ -34,12 +34,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="keep the weights within SIZE (e.g. 12GB), streaming experts from disk; "
                              "auto: what this machine offers. Default: fully resident if the model "
                              "fits, else auto")
-    parser.add_argument("--cache-policy", choices=POLICIES, default=DEFAULT_POLICY,
+    parser.add_argument("--cache-policy", choices=POLICIES, default=None,
                         help="which streamed expert to evict: the least often (lfu) or least recently (lru) "
-                             "used, or the one whose layer comes round last (cyclic) (default: %(default)s; "
-                             "which suits which Mac: README)")
-    parser.add_argument("--no-prefetch", action="store_true",
-                        help="streaming: do not read the next layer's likely experts ahead")
+                             "used, or the one whose layer comes round last (cyclic) (default: cyclic on a GPU, "
+                             "as on a Mac, where reads set the pace; lfu on the CPU backend; README)")
+    parser.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                        help="streaming: read the next layer's likely experts ahead (default: off on a GPU, "
+                             "as on a Mac, where wrong guesses cost reads; on for the CPU backend)")
     parser.add_argument("--miss-bits", type=int, choices=MISS_BITS, default=None,
                         help="streaming: read the converter's 2- or 3-bit copy of a missing expert that a token "
                              "weights little (convert with --miss-bits); fewer bytes per token, output no "
@@ -88,7 +89,7 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     if args.miss_bits is not None and max_memory is None:
         raise MixtralError("--miss-bits reads a low-bit copy of experts that are not in memory: it needs --max-memory")
     model = load_model(folder, progress=True, max_memory=max_memory, policy=args.cache_policy,
-                       prefetch=not args.no_prefetch, context=tokens, kv=kv, miss_bits=args.miss_bits)
+                       prefetch=args.prefetch, context=tokens, kv=kv, miss_bits=args.miss_bits)
     cache = model.runtime.expert_cache
     if cache is not None:
         for line in cache.plan.notes:

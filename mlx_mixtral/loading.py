@@ -19,12 +19,12 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import Checkpoint, is_expert_tensor
 from .config import ModelConfig
-from .device import compute_dtype
+from .device import compute_dtype, streaming_defaults
 from .distributed.group import world
 from .distributed.sharding import Split, all_sum_over, read_tensor, unpacked_width
 from .errors import MixtralError
 from .experts.budget import AUTO, auto_budget, gb, parse_size, plan, weight_bytes
-from .experts.expert_cache import DEFAULT_POLICY, READERS, ExpertCache
+from .experts.expert_cache import READERS, ExpertCache
 from .experts.expert_store import ExpertStore
 from .experts.low_bit import DEFAULT_THRESHOLD, open_low_bit
 from .experts.streamed_moe import stream_experts
@@ -120,7 +120,7 @@ def check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int,
 
 
 def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
-               max_memory: int | str | None = None, policy: str = DEFAULT_POLICY, prefetch: bool = True,
+               max_memory: int | str | None = None, policy: str | None = None, prefetch: bool | None = None,
                context: int | None = None, kv: KVFormat = FLOAT, miss_bits: int | None = None,
                miss_threshold: float = DEFAULT_THRESHOLD) -> Mixtral:
     """Build and fill the model, one layer at a time (peak memory ~ the model, not twice it).
@@ -130,7 +130,8 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
     that budget (see `expert_cache`). `context` sizes the KV cache `auto` leaves room for, stored
     in the `kv` format. Started by `mlx.launch` on N processes, each loads its 1/N (`sharding`).
     `miss_bits` (2 or 3, with `max_memory`): misses weighted below `miss_threshold` read the
-    converter's low-bit copy of the expert instead (`experts.low_bit`).
+    converter's low-bit copy of the expert instead (`experts.low_bit`). `policy` and `prefetch`
+    left None are what suits the device (`device.streaming_defaults`).
     """
     folder = Path(folder)
     group = world()
@@ -149,7 +150,9 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
         raise MixtralError("--miss-bits reads a low-bit copy of experts that are not in memory: it needs --max-memory")
     if max_memory is not None:
         low_bit = open_low_bit(folder, config, miss_bits, dtype, miss_threshold) if miss_bits is not None else None
-        cache = _expert_cache(ckpt, config, dtype, max_memory, policy, prefetch, context, kv)
+        default_policy, default_prefetch = streaming_defaults()
+        cache = _expert_cache(ckpt, config, dtype, max_memory, policy or default_policy,
+                              default_prefetch if prefetch is None else prefetch, context, kv)
         stream_experts(model, cache, low_bit)
     pieces = ckpt.iter_weights(config)
     with progress_bar("Loading", total=config.num_hidden_layers + 1, enabled=progress) as advance:
@@ -242,14 +245,16 @@ def would_fit(folder: Path, context: int | None = None, kv: KVFormat = FLOAT) ->
 
 
 def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
-         max_memory: int | str | None = None, policy: str = DEFAULT_POLICY,
-         prefetch: bool = True, miss_bits: int | None = None) -> tuple[Mixtral, Tokenizer]:
+         max_memory: int | str | None = None, policy: str | None = None,
+         prefetch: bool | None = None, miss_bits: int | None = None) -> tuple[Mixtral, Tokenizer]:
     """Load a Mixtral model and its tokenizer from a folder or a hub repo id.
 
     `dtype` overrides the compute dtype of floating weights (default: `compute_dtype`).
     `max_memory` ("12GB", bytes, or "auto") streams the experts from disk within that budget;
-    `policy` ("lru" or "lfu") chooses which cached expert to evict, `prefetch` whether the next
-    layer's likely experts are read ahead; `miss_bits` (2 or 3) reads the converter's low-bit
+    `policy` ("lfu", "lru" or "cyclic") chooses which cached expert to evict, `prefetch` whether
+    the next layer's likely experts are read ahead (None: what suits the device, see
+    `device.streaming_defaults`: cyclic without prefetch on a GPU, LFU with prefetch on the CPU);
+    `miss_bits` (2 or 3) reads the converter's low-bit
     copy of an expert for misses a token weights little. Without `max_memory` the model is fully
     resident.
     """

@@ -9,6 +9,7 @@ chunk reads each expert once, and bad budgets fail in one line.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -211,10 +212,36 @@ def test_auto_budget_is_the_machine_minus_kv_cache_and_margin(monkeypatch, hf_ch
                                                                  f"{budget.gb(10**9 // 2 + budget.MARGIN_BYTES)} margin")
 
 
+def test_zero_config_streaming_uses_what_suits_the_device_and_flags_override(monkeypatch, hf_checkpoint_factory):
+    """With no flags: on a GPU (a Mac) cyclic without prefetch, which reads the fewest bytes where
+    reads set the pace; on the CPU backend LFU with prefetch. Either is overridden by the flags."""
+    from mlx_mixtral import device, loading
+
+    assert device.streaming_defaults() == ("lfu", True)  # this machine: the CPU backend
+    monkeypatch.setattr(device.mx, "default_device", lambda: device.mx.Device(device.mx.gpu))
+    assert device.streaming_defaults() == ("cyclic", False)
+    monkeypatch.undo()
+    path = hf_checkpoint_factory("gqa")
+
+    def streamed(*flags: str, gpu: bool):
+        parser = argparse.ArgumentParser()
+        arguments.add_model_args(parser)
+        args = parser.parse_args(["--model", str(path), "--max-memory", "1000GB", *flags])
+        monkeypatch.setattr(loading, "streaming_defaults", lambda: ("cyclic", False) if gpu else ("lfu", True))
+        cache = arguments.load_from_args(args, lambda line: None)[0].runtime.expert_cache
+        return cache.policy, cache.prefetch_enabled
+
+    assert streamed(gpu=True) == ("cyclic", False)
+    assert streamed(gpu=False) == ("lfu", True)
+    assert streamed("--cache-policy", "lru", "--prefetch", gpu=True) == ("lru", True)
+    assert streamed("--no-prefetch", gpu=False) == ("lfu", False)
+    assert mlx_mixtral.load(path, progress=False, max_memory="1000GB")[0].runtime.expert_cache.policy == "lfu"
+
+
 def test_front_doors_stream_automatically_when_the_model_does_not_fit(monkeypatch, hf_checkpoint_factory):
     """Resident when it fits; `auto`, said in one line, when it does not."""
     path = hf_checkpoint_factory("gqa")
-    args = Namespace(model=str(path), max_memory=None, cache_policy="lfu", no_prefetch=False, miss_bits=None,
+    args = Namespace(model=str(path), max_memory=None, cache_policy="lfu", prefetch=None, miss_bits=None,
                      kv_bits=None, kv_group_size=None)
     notes: list[str] = []
     model, _ = arguments.load_from_args(args, notes.append)
@@ -519,7 +546,7 @@ def test_max_memory_auto_counts_the_kv_format_asked_for(hf_checkpoint_factory, m
     monkeypatch.setattr(arguments, "would_fit", spy)
     for bits in (None, 8, 4):
         args = argparse.Namespace(model=str(hf_checkpoint_factory("gqa")), max_memory=None, kv_bits=bits,
-                                  kv_group_size=None, cache_policy="lfu", no_prefetch=False, miss_bits=None)
+                                  kv_group_size=None, cache_policy="lfu", prefetch=None, miss_bits=None)
         arguments.load_from_args(args, lambda line: None, context=lambda t: 4096)
     assert [fmt.bits for fmt in seen] == [None, 8, 4]
     config = mlx_mixtral.load(hf_checkpoint_factory("gqa"), progress=False)[0].config
