@@ -94,7 +94,7 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     if cache is not None:
         for line in cache.plan.notes:
             note(line)
-        low = f"; misses a token weights little read the {args.miss_bits}-bit copy" if args.miss_bits else ""
+        low = f"; misses a token weights little read the {args.miss_bits}-bit copy" if cache.low_bit else ""
         note(f"streaming experts within {gb(cache.plan.budget)}: {cache.plan.cached_experts} of "
              f"{cache.plan.total_experts} experts fit in memory ({cache.policy}){low}")
     return model, tokenizer

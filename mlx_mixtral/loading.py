@@ -153,6 +153,13 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
         default_policy, default_prefetch = streaming_defaults()
         cache = _expert_cache(ckpt, config, dtype, max_memory, policy or default_policy,
                               default_prefetch if prefetch is None else prefetch, context, kv)
+        if low_bit is not None and cache.plan.cached_experts >= cache.plan.total_experts:
+            # Every expert fits: a miss is only each expert's first read, and the low-bit copy
+            # would make those tokens differ from the resident model for no lasting saving.
+            low_bit.close()
+            low_bit = None
+            cache.plan.notes.append(f"--miss-bits {miss_bits}: the budget holds every expert, so the low-bit copy "
+                                    "is never read (the output is the resident model's)")
         stream_experts(model, cache, low_bit)
     pieces = ckpt.iter_weights(config)
     with progress_bar("Loading", total=config.num_hidden_layers + 1, enabled=progress) as advance:
