@@ -80,15 +80,19 @@ def test_a_null_device_takes_the_bytes_and_stays_a_device(session, loaded, tmp_p
 
 
 def test_a_device_gets_exactly_the_bytes_a_file_would(session, tmp_path):
-    """/dev/stdout (a pipe here: `| less`): what its reader sees is the whole saved conversation."""
+    """/dev/stdout (a link to the process's standard output, a pipe here: `| less`): what its
+    reader sees is the whole saved conversation. A link of our own to /proc/self/fd/1 stands in
+    for /dev/stdout, so a broken writer could only ever replace the link in our folder."""
     file = tmp_path / "chat.json"
     session.save(file, kv=False)
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to("/proc/self/fd/1")
     out = subprocess.run([sys.executable, "-c", f"""
-import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 from mlx_mixtral.files import atomic_write
-atomic_write('/dev/stdout', open({str(file)!r}, 'rb').read())
+atomic_write({str(stdout)!r}, open({str(file)!r}, 'rb').read())
 """], capture_output=True, timeout=60)
     assert out.returncode == 0 and out.stdout == file.read_bytes()
+    assert stdout.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "stdout"]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "socket", "folder"])
