@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--miss-bits", type=int, default=None, metavar="BITS",
                         help="also write a 2- or 3-bit copy of the experts (miss-BITSbit/), which streaming "
                              "can read for misses a token weights little (`--max-memory ... --miss-bits BITS`)")
+    parser.add_argument("--calibration", nargs="?", const=True, default=None, metavar="TEXT",
+                        help="with -q: choose every group's scale and bias by the error weighted by what each input "
+                             "channel carries on this text (a file of the kind the model will read; alone: the "
+                             "text this package ships); same format, nothing slower to run")
     parser.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
     parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                         help="largest output file, e.g. 5GB or 500MB; peak memory is about this plus 1-2 GB "
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     summary = convert(
         args.hf_path, args.mlx_path, quantize=args.quantize, bits=args.q_bits, group_size=args.q_group_size,
         dtype=args.dtype, force=args.force, dequantize=args.dequantize,
-        max_shard_bytes=parse_size(args.max_shard_size), miss_bits=args.miss_bits, **policy,
+        max_shard_bytes=parse_size(args.max_shard_size), miss_bits=args.miss_bits, calibration=args.calibration,
+        **policy,
     )
     print(summary.text())
     return 0

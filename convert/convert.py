@@ -33,9 +33,11 @@ from mlx_mixtral.errors import MixtralError
 from mlx_mixtral.experts.low_bit import MISS_BITS, MISS_FILE, miss_folder
 from mlx_mixtral.model import Mixtral
 from mlx_mixtral.progress import progress_bar
+from mlx_mixtral.tokenizer import Tokenizer
 from mlx_mixtral.units import gb
 
-from .hf_reader import TOKENIZER_FILES, open_source
+from .calibration import Calibration, calibration_tokens
+from .hf_reader import TOKENIZER_FILES, Source, open_source
 from .quant_policy import (
     DEFAULT_EMBED_BITS,
     DEFAULT_LM_HEAD_BITS,
@@ -45,6 +47,7 @@ from .quant_policy import (
     QuantPolicy,
     quantizable_modules,
 )
+from .weighted_quant import weighted_quantize
 from .writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter, check_destination, check_free_space, staging_folder
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -99,6 +102,7 @@ def convert(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     miss_bits: int | None = None,
+    calibration: str | os.PathLike | bool | None = None,
 ) -> Summary:
     """Convert `hf_path` (folder or hub repo id) into an MLX folder at `mlx_path`.
 
@@ -110,6 +114,10 @@ def convert(
     (default: the source's) is that of float weights and of quantization scales and biases.
     `miss_bits` (2 or 3) also writes a copy of every expert at that many bits into `miss-Nbit/`,
     quantized from the float source, for streaming to read on some misses (`experts.low_bit`).
+    `calibration` (with `quantize`: a text file, or True for the text the package ships) chooses
+    every quantized linear layer's scales and biases by importance-weighted error
+    (`calibration`, `weighted_quant`); the format stays the same. Without it the output is
+    round-to-nearest, byte for byte what it always was.
     """
     start = time.perf_counter()
     if quantize and dequantize:
@@ -132,6 +140,11 @@ def convert(
     if miss_bits is not None and (stored or miss_bits not in MISS_BITS):
         raise MixtralError(f"--miss-bits {miss_bits}: choose {' or '.join(map(str, MISS_BITS))}, from a float "
                            "checkpoint" + (f" ({source.folder} is quantized)" if stored else ""))
+    calibrating = calibration not in (None, False)
+    if calibrating and (stored or not quantize):
+        raise MixtralError("--calibration chooses how to quantize a float checkpoint: " + (
+            f"{source.folder} is already quantized (its rounding is done); calibrate from the float checkpoint it "
+            "came from" if stored else "add -q"))
     dequant = stored if dequantize else {}
     keeps_quantization = bool(stored) and not dequantize
     out_dtype = out_dtype or source.float_dtype()
@@ -139,10 +152,11 @@ def convert(
     if plan and plan.misfit_message():
         print(plan.misfit_message(), file=sys.stderr)
 
+    calib = _calibration(source, calibration) if calibrating else None
     target = source.model if keeps_quantization else output_model(source.config, plan)
     check_free_space(dst, nbytes(target, out_dtype) + sum(
         (source.folder / n).stat().st_size for n in TOKENIZER_FILES if (source.folder / n).is_file()))
-    precision = _describe(plan, keeps_quantization, out_dtype)
+    precision = _describe(plan, keeps_quantization, out_dtype) + (f", calibrated on {calib.size} tokens" if calib else "")
     print(f"Converting {source.folder} ({gb(source.nbytes)}) to {precision}", file=sys.stderr)
     if not any((source.folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         print(f"note: {source.folder} has no tokenizer.model (nor tokenizer.json); copy Mixtral's "
@@ -154,12 +168,24 @@ def convert(
         low = ShardWriter(_mkdir(miss_folder(tmp, miss_bits)), max_shard_bytes) if miss_bits else None
         task = "Quantizing" if plan else "Dequantizing" if dequant else "Converting"
         with progress_bar(task, total=config.num_hidden_layers + 1, enabled=progress) as advance:
-            for _, weights in source.pieces():
+            deferred: dict[str, mx.array] = {}  # calibrating: lm_head waits for the last layer's output
+            for name, weights in source.pieces():
+                importance = {}
+                if calib is not None and name == "embeddings":
+                    calib.embeddings(weights)
+                    deferred = {k: weights.pop(k) for k in list(weights) if k.startswith("lm_head.")}
+                    final_norm = weights["model.norm.weight"]
+                elif calib is not None:
+                    importance = calib.layer(int(name.split()[-1]), weights)
                 if low is not None:  # first: _convert_piece lets go of the float weights it uses
-                    low.add(_low_bit_experts(weights, miss_bits, group_size, out_dtype))
-                for outputs in _convert_piece(weights, plan, dequant, out_dtype):
+                    low.add(_low_bit_experts(weights, miss_bits, group_size, out_dtype, importance))
+                for outputs in _convert_piece(weights, plan, dequant, out_dtype, importance):
                     writer.add(outputs)  # evaluates them: reads, converts, frees the inputs
                 advance()
+            if deferred:
+                importance = {"lm_head": calib.final(final_norm, config.rms_norm_eps)}
+                for outputs in _convert_piece(deferred, plan, dequant, out_dtype, importance):
+                    writer.add(outputs)
         shards = writer.close()
         if low is not None:
             low.close()
@@ -210,9 +236,10 @@ def _describe(plan: QuantPlan | None, keeps_quantization: bool, dtype: mx.Dtype)
     return f"kept quantized, {name} scales" if keeps_quantization else name
 
 
-def _convert_piece(weights: dict[str, mx.array], plan: QuantPlan | None,
-                   dequant: dict[str, tuple[int, int, str]], dtype: mx.Dtype) -> Iterator[dict[str, mx.array]]:
-    """One module's output tensors at a time; inputs are popped so they are freed once used."""
+def _convert_piece(weights: dict[str, mx.array], plan: QuantPlan | None, dequant: dict[str, tuple[int, int, str]],
+                   dtype: mx.Dtype, importance: dict[str, mx.array]) -> Iterator[dict[str, mx.array]]:
+    """One module's output tensors at a time; inputs are popped so they are freed once used. A
+    module with an `importance` (calibration) is quantized by importance-weighted error."""
     modules: dict[str, dict[str, mx.array]] = {}
     for name in list(weights):
         path, _, part = name.rpartition(".")
@@ -222,7 +249,8 @@ def _convert_piece(weights: dict[str, mx.array], plan: QuantPlan | None,
         out: dict[str, mx.array] = {}
         spec = plan.specs.get(path) if plan else None
         if spec is not None:
-            w, scales, biases = mx.quantize(parts.pop("weight").astype(dtype), spec.group_size, spec.bits, mode=MODE)
+            w, scales, biases = _quantize(parts.pop("weight").astype(dtype), importance.get(path), spec.group_size,
+                                          spec.bits, dtype)
             out.update(weight=w, scales=scales, biases=biases)
         elif path in dequant:
             group, nbits, mode = dequant[path]
@@ -234,15 +262,35 @@ def _convert_piece(weights: dict[str, mx.array], plan: QuantPlan | None,
         yield {f"{path}.{part}": a for part, a in out.items()}
 
 
-def _low_bit_experts(weights: dict[str, mx.array], bits: int, group_size: int, dtype: mx.Dtype) -> dict[str, mx.array]:
-    """The expert projections of one piece quantized at `bits` (lazy; the inputs stay in `weights`)."""
+def _low_bit_experts(weights: dict[str, mx.array], bits: int, group_size: int, dtype: mx.Dtype,
+                     importance: dict[str, mx.array]) -> dict[str, mx.array]:
+    """The expert projections of one piece quantized at `bits` (lazy unless calibrated; the inputs
+    stay in `weights`)."""
     out = {}
     for name, w in weights.items():
         if is_expert_tensor(name) and name.endswith(".weight"):
             path = name.removesuffix(".weight")
-            out[f"{path}.weight"], out[f"{path}.scales"], out[f"{path}.biases"] = mx.quantize(
-                w.astype(dtype), group_size, bits, mode=MODE)
+            out[f"{path}.weight"], out[f"{path}.scales"], out[f"{path}.biases"] = _quantize(
+                w.astype(dtype), importance.get(path), group_size, bits, dtype)
     return out
+
+
+def _quantize(w: mx.array, importance: mx.array | None, group_size: int, bits: int,
+              dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
+    """Round-to-nearest (`mx.quantize`), or importance-weighted where calibration measured one."""
+    if importance is None:
+        return mx.quantize(w, group_size, bits, mode=MODE)
+    return weighted_quantize(w, importance, group_size, bits, dtype)
+
+
+def _calibration(source: Source, text: str | os.PathLike | bool) -> Calibration:
+    """The calibration tokens (read, checked and tokenized before anything is written)."""
+    try:
+        tokenizer = Tokenizer.from_folder(source.folder)
+    except MixtralError as e:
+        raise MixtralError(f"--calibration needs the model's tokenizer in {source.folder}: {e}") from None
+    tokens = calibration_tokens(None if text is True else text, tokenizer, source.config)
+    return Calibration(tokens, source.config)
 
 
 def _mkdir(folder: Path) -> Path:

@@ -224,7 +224,7 @@ class MixtralModel(nn.Module):
         L = tokens.shape[1]
         if cache is None:
             cache = [None] * len(self.layers)
-            mask = _uncached_mask(L, self.window) if L > 1 else None
+            mask = causal_mask(L, self.window) if L > 1 else None
         else:
             mask = cache[0].mask(L)  # every layer's cache has the same geometry
         *layers, last = zip(self.layers, cache, strict=True)
@@ -271,7 +271,7 @@ class Parts:
     experts: type[SwitchGLU] = SwitchGLU
 
 
-def _uncached_mask(length: int, window: int | None) -> mx.array | str:
+def causal_mask(length: int, window: int | None) -> mx.array | str:
     """Causal mask for a whole sequence seen at once, restricted to the sliding window if any."""
     if not window or window >= length:
         return "causal"
