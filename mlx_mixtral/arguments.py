@@ -45,6 +45,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="streaming: read the converter's 2- or 3-bit copy of a missing expert that a token "
                              "weights little (convert with --miss-bits); fewer bytes per token, output no "
                              "longer exactly the model's")
+    parser.add_argument("--expert-skip", type=float, default=0.0, metavar="FRACTION",
+                        help="leave out a token's second expert when the router weighs it at most FRACTION of the "
+                             "first: fewer experts computed and read (0: off, the default; 1: top-1 routing); "
+                             "output no longer exactly the model's")
     add_kv_args(parser)
 
 
@@ -73,7 +77,8 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     tokenizer = Tokenizer.from_folder(folder)
     group = world()
     if group.size() > 1:  # started by mlx.launch: this process holds its 1/N of every layer
-        model = load_model(folder, progress=group.rank() == 0, max_memory=max_memory, kv=kv_from_args(args))
+        model = load_model(folder, progress=group.rank() == 0, max_memory=max_memory, kv=kv_from_args(args),
+                           expert_skip=args.expert_skip)
         if group.rank() == 0:
             note(f"tensor parallel over {group.size()} processes: each holds "
                  f"{model.config.num_attention_heads} of {model.config.num_attention_heads * group.size()} "
@@ -89,7 +94,8 @@ def load_from_args(args: argparse.Namespace, note: Callable[[str], None],
     if args.miss_bits is not None and max_memory is None:
         raise MixtralError("--miss-bits reads a low-bit copy of experts that are not in memory: it needs --max-memory")
     model = load_model(folder, progress=True, max_memory=max_memory, policy=args.cache_policy,
-                       prefetch=args.prefetch, context=tokens, kv=kv, miss_bits=args.miss_bits)
+                       prefetch=args.prefetch, context=tokens, kv=kv, miss_bits=args.miss_bits,
+                       expert_skip=args.expert_skip)
     cache = model.runtime.expert_cache
     if cache is not None:
         for line in cache.plan.notes:

@@ -122,7 +122,7 @@ def check_tensors(model: Mixtral, ckpt: Checkpoint, shapes: dict[str, tuple[int,
 def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
                max_memory: int | str | None = None, policy: str | None = None, prefetch: bool | None = None,
                context: int | None = None, kv: KVFormat = FLOAT, miss_bits: int | None = None,
-               miss_threshold: float = DEFAULT_THRESHOLD) -> Mixtral:
+               miss_threshold: float = DEFAULT_THRESHOLD, expert_skip: float = 0.0) -> Mixtral:
     """Build and fill the model, one layer at a time (peak memory ~ the model, not twice it).
 
     With `max_memory` (bytes, a size like "12GB", or "auto") only the non-expert weights are
@@ -131,9 +131,21 @@ def load_model(folder: str | os.PathLike, dtype: mx.Dtype | None = None, progres
     in the `kv` format. Started by `mlx.launch` on N processes, each loads its 1/N (`sharding`).
     `miss_bits` (2 or 3, with `max_memory`): misses weighted below `miss_threshold` read the
     converter's low-bit copy of the expert instead (`experts.low_bit`). `policy` and `prefetch`
-    left None are what suits the device (`device.streaming_defaults`).
+    left None are what suits the device (`device.streaming_defaults`). `expert_skip` (0 to 1)
+    leaves out a token's experts weighted at most that fraction of its first (`model.skip_experts`):
+    0 is the model as trained, 1 top-1 routing; fewer experts computed and read per token.
     """
-    folder = Path(folder)
+    if not 0 <= expert_skip <= 1:
+        raise MixtralError(f"--expert-skip must be from 0 (off) to 1 (top-1 routing), got {expert_skip}")
+    model = _load(Path(folder), dtype, progress, max_memory, policy, prefetch, context, kv, miss_bits, miss_threshold)
+    for layer in model.layers:
+        layer.block_sparse_moe.skip = expert_skip
+    return model
+
+
+def _load(folder: Path, dtype: mx.Dtype | None, progress: bool, max_memory: int | str | None, policy: str | None,
+          prefetch: bool | None, context: int | None, kv: KVFormat, miss_bits: int | None,
+          miss_threshold: float) -> Mixtral:
     group = world()
     if group.size() > 1:
         if max_memory is not None:
@@ -253,7 +265,8 @@ def would_fit(folder: Path, context: int | None = None, kv: KVFormat = FLOAT) ->
 
 def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, progress: bool = True,
          max_memory: int | str | None = None, policy: str | None = None,
-         prefetch: bool | None = None, miss_bits: int | None = None) -> tuple[Mixtral, Tokenizer]:
+         prefetch: bool | None = None, miss_bits: int | None = None,
+         expert_skip: float = 0.0) -> tuple[Mixtral, Tokenizer]:
     """Load a Mixtral model and its tokenizer from a folder or a hub repo id.
 
     `dtype` overrides the compute dtype of floating weights (default: `compute_dtype`).
@@ -262,10 +275,11 @@ def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, progres
     the next layer's likely experts are read ahead (None: what suits the device, see
     `device.streaming_defaults`: cyclic without prefetch on a GPU, LFU with prefetch on the CPU);
     `miss_bits` (2 or 3) reads the converter's low-bit
-    copy of an expert for misses a token weights little. Without `max_memory` the model is fully
-    resident.
+    copy of an expert for misses a token weights little; `expert_skip` (0 to 1) leaves out a
+    token's experts weighted at most that fraction of its first. Without `max_memory` the model is
+    fully resident.
     """
     folder = resolve(path_or_repo)
     tokenizer = Tokenizer.from_folder(folder)  # cheap; fail before the long part
     return load_model(folder, dtype=dtype, progress=progress, max_memory=max_memory, policy=policy,
-                      prefetch=prefetch, miss_bits=miss_bits), tokenizer
+                      prefetch=prefetch, miss_bits=miss_bits, expert_skip=expert_skip), tokenizer

@@ -169,6 +169,8 @@ class SparseMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.switch_mlp = parts.experts(config.hidden_size, config.intermediate_size, config.num_local_experts)
+        # Opt-in: leave out a token's experts weighted at most this fraction of its first (0: never).
+        self.skip = 0.0
 
     def replace_experts(self, experts: nn.Module) -> nn.Module:
         """Put `experts` (called as `experts(x, indices)` -> `[..., k, hidden]`) in place of this
@@ -182,8 +184,21 @@ class SparseMoE(nn.Module):
         k = self.top_k
         indices = mx.stop_gradient(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k])
         weights = mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1, precise=True)
+        if self.skip > 0:
+            indices, weights = skip_experts(indices, weights, self.skip)
         y = self.switch_mlp(x, indices)  # [B, L, k, hidden]
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+def skip_experts(indices: mx.array, weights: mx.array, fraction: float) -> tuple[mx.array, mx.array]:
+    """Leave out each token's experts that the router weighs at most `fraction` of its first (the
+    rule ik_llama.cpp ships as -ser; "Not All Experts are Equal", Lu et al. 2024): the others'
+    weights are renormalised, and a left-out slot names the first expert with weight 0, so it
+    costs no read (1: top-1 routing)."""
+    first = mx.argmax(weights, axis=-1, keepdims=True)
+    keep = (mx.arange(weights.shape[-1]) == first) | (weights > fraction * mx.take_along_axis(weights, first, axis=-1))
+    kept = mx.where(keep, weights, 0.0)
+    return mx.where(keep, indices, mx.take_along_axis(indices, first, axis=-1)), kept / kept.sum(axis=-1, keepdims=True)
 
 
 class DecoderLayer(nn.Module):

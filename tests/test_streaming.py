@@ -241,7 +241,7 @@ def test_zero_config_streaming_uses_what_suits_the_device_and_flags_override(mon
 def test_front_doors_stream_automatically_when_the_model_does_not_fit(monkeypatch, hf_checkpoint_factory):
     """Resident when it fits; `auto`, said in one line, when it does not."""
     path = hf_checkpoint_factory("gqa")
-    args = Namespace(model=str(path), max_memory=None, cache_policy="lfu", prefetch=None, miss_bits=None,
+    args = Namespace(model=str(path), max_memory=None, cache_policy="lfu", prefetch=None, miss_bits=None, expert_skip=0.0,
                      kv_bits=None, kv_group_size=None)
     notes: list[str] = []
     model, _ = arguments.load_from_args(args, notes.append)
@@ -546,7 +546,8 @@ def test_max_memory_auto_counts_the_kv_format_asked_for(hf_checkpoint_factory, m
     monkeypatch.setattr(arguments, "would_fit", spy)
     for bits in (None, 8, 4):
         args = argparse.Namespace(model=str(hf_checkpoint_factory("gqa")), max_memory=None, kv_bits=bits,
-                                  kv_group_size=None, cache_policy="lfu", prefetch=None, miss_bits=None)
+                                  kv_group_size=None, cache_policy="lfu", prefetch=None, miss_bits=None,
+                                  expert_skip=0.0)
         arguments.load_from_args(args, lambda line: None, context=lambda t: 4096)
     assert [fmt.bits for fmt in seen] == [None, 8, 4]
     config = mlx_mixtral.load(hf_checkpoint_factory("gqa"), progress=False)[0].config
