@@ -18,7 +18,6 @@ content_block_start / _delta / _stop, message_delta, message_stop; a failure mid
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import uuid
@@ -37,6 +36,7 @@ from .request import (
     check_tool_results,
     fold_system,
     function_tools,
+    function_tools_of,
     max_tokens_asked,
     number,
     sampling,
@@ -137,29 +137,12 @@ def _message(m: Any, i: int) -> list[dict]:
     return [*results, *([{"role": "user", "content": text}] if text or not results else [])]
 
 
-@functools.lru_cache(maxsize=64)
-def _note_skipped(kinds: tuple[str, ...]) -> None:
-    """Said once per server and set of kinds (Claude Code sends the same tools every turn)."""
-    print(f"note: /v1/messages: left out tools this server cannot run: {', '.join(kinds)} "
-          "(only tools with an input_schema reach the model)", file=sys.stderr, flush=True)
-
-
 def _tools(body: dict) -> Tools | None:
-    tools = body.get("tools") or []
-    if not isinstance(tools, list):
-        raise bad("tools must be a list of {name, description, input_schema} objects", "tools")
-    functions, indexes, skipped = [], [], []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise bad(f"tools[{i}] must be a tool object", f"tools[{i}]")
-        if tool.get("type") in (None, "custom") and "input_schema" in tool:
-            functions.append({"type": "function", "function": {
-                "name": tool.get("name"), "description": tool.get("description"), "parameters": tool["input_schema"]}})
-            indexes.append(i)
-        else:
-            skipped.append(str(tool.get("type") or tool.get("name")))
-    if skipped:
-        _note_skipped(tuple(sorted(set(skipped))))
+    functions, indexes = function_tools_of(
+        body.get("tools"), lambda tool: {"name": tool.get("name"), "description": tool.get("description"),
+                                         "parameters": tool["input_schema"]}
+        if tool.get("type") in (None, "custom") and "input_schema" in tool else None,
+        "/v1/messages", "{name, description, input_schema}")
     choice = body.get("tool_choice") or {"type": "auto"}
     kind = choice.get("type") if isinstance(choice, dict) else None
     if kind not in ("auto", "any", "tool", "none") or (kind == "tool" and not isinstance(choice.get("name"), str)):

@@ -16,9 +16,11 @@ its own error shape.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +210,37 @@ def function_tools(tools: Sequence[dict], choice: str, only: str | None, paralle
         raise bad(f"tool_choice must be a function naming one of the tools ({', '.join(sorted(names))}), "
                   f"got {json.dumps(only)}", "tool_choice")
     return Tools(checked, "required" if only is not None else choice, only, parallel and only is None, params)
+
+
+def function_tools_of(tools: Any, as_function: Callable[[dict], dict | None], route: str,
+                      shape: str) -> tuple[list[dict], list[int]]:
+    """The function tools among a request's `tools` (in the chat shape, as `as_function` makes
+    each one; None: a tool of another kind, such as a hosted web search, which cannot run here)
+    and their places in the list. Tools of other kinds are left out of the prompt, not refused
+    (agents send them every turn), and the server log names them once (`route`: the endpoint)."""
+    tools = tools or []
+    if not isinstance(tools, list):
+        raise bad(f"tools must be a list of {shape} objects", "tools")
+    functions, indexes, skipped = [], [], []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise bad(f"tools[{i}] must be a tool object", f"tools[{i}]")
+        function = as_function(tool)
+        if function is None:
+            skipped.append(str(tool.get("type") or tool.get("name")))
+        else:
+            functions.append({"type": "function", "function": function})
+            indexes.append(i)
+    if skipped:
+        _note_skipped(route, tuple(sorted(set(skipped))))
+    return functions, indexes
+
+
+@functools.lru_cache(maxsize=64)
+def _note_skipped(route: str, kinds: tuple[str, ...]) -> None:
+    """Said once per server, route and set of kinds."""
+    print(f"note: {route}: left out tools this server cannot run: {', '.join(kinds)} (the model is told only of "
+          "function tools)", file=sys.stderr, flush=True)
 
 
 def json_format(schema: dict | None, what: str) -> Grammar:

@@ -17,9 +17,7 @@ count and bytes, so a client may continue one by `previous_response_id`.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 import threading
 import time
 import uuid
@@ -43,6 +41,7 @@ from .request import (
     check_tool_results,
     fold_system,
     function_tools,
+    function_tools_of,
     in_range,
     json_format,
     max_tokens_asked,
@@ -226,29 +225,11 @@ def _items(value: Any) -> list[dict]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _note_skipped(kinds: tuple[str, ...]) -> None:
-    """Said once per server and set of kinds (agents send the same tools every turn)."""
-    print(f"note: /v1/responses: left out tools this server cannot run: {', '.join(kinds)} "
-          "(only function tools reach the model)", file=sys.stderr, flush=True)
-
-
 def _tools(body: dict) -> Tools | None:
-    tools = body.get("tools") or []
-    if not isinstance(tools, list):
-        raise bad("tools must be a list of tool objects", "tools")
-    functions, indexes, skipped = [], [], []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise bad(f"tools[{i}] must be a tool object", f"tools[{i}]")
-        if tool.get("type") == "function":
-            functions.append({"type": "function", "function": {
-                k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}})
-            indexes.append(i)
-        else:
-            skipped.append(str(tool.get("type") or tool.get("name")))
-    if skipped:
-        _note_skipped(tuple(sorted(set(skipped))))
+    functions, indexes = function_tools_of(
+        body.get("tools"), lambda tool: {k: tool[k] for k in ("name", "description", "parameters")
+                                         if tool.get(k) is not None} if tool.get("type") == "function" else None,
+        "/v1/responses", "tool")
     choice, only = body.get("tool_choice") or "auto", None
     if isinstance(choice, dict):
         only = choice.get("name")
