@@ -536,3 +536,19 @@ def test_a_forced_tool_is_exactly_one_call_in_every_protocol_and_stream(server):
         assert [d["item"]["name"] for _, d in got if d["type"] == "response.output_item.done"] == ["search"]
         assert [b.name for b in message.content if b.type == "tool_use"] == ["search"]
         assert [b.name for b in final.content if b.type == "tool_use"] == ["search"]
+
+
+def test_a_prompt_over_the_context_is_said_in_each_protocols_words(server):
+    """Codex reads a streamed response.failed with context_length_exceeded; Claude Code compacts
+    the conversation when Anthropic's "prompt is too long" comes back."""
+    long = "word " * (CONTEXT + 200)
+    got = events(server, "/v1/responses", {"input": long, "stream": True})
+    assert [d["type"] for _, d in got] == ["response.created", "response.in_progress", "response.failed"]
+    failed = got[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "context_length_exceeded"
+    r = post(server, "/v1/responses", {"input": long})
+    assert r.status == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = post(server, "/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": long}]},
+             {"x-api-key": "sekret"})
+    assert r.status == 400 and re.fullmatch(r"prompt is too long: \d+ tokens > 2047 maximum",
+                                            r.json()["error"]["message"]), r.text

@@ -29,6 +29,7 @@ from .request import (
     APIError,
     Defaults,
     Request,
+    TooLong,
     Tools,
     bad,
     boolean,
@@ -182,9 +183,12 @@ def _request(body: Any, tokenizer, served: str, context: int, vocab: int, defaul
     if temperature is not None and not 0 <= temperature <= 1:
         raise bad(f"temperature must be from 0 to 1, got {temperature}", "temperature")
     params, seed = sampling(body, defaults, vocab)
-    return build(_conversation(body), _tools(body), None, tokenizer=tokenizer, served=served, context=context,
-                 sampling=params, seed=seed, stop=stop_strings(body.get("stop_sequences"), "stop_sequences"),
-                 stream=boolean(body, "stream", False), asked=asked, defaults=defaults)
+    try:
+        return build(_conversation(body), _tools(body), None, tokenizer=tokenizer, served=served, context=context,
+                     sampling=params, seed=seed, stop=stop_strings(body.get("stop_sequences"), "stop_sequences"),
+                     stream=boolean(body, "stream", False), asked=asked, defaults=defaults)
+    except TooLong as e:  # Anthropic's words, which Claude Code watches for to compact the conversation
+        raise bad(f"prompt is too long: {e.tokens} tokens > {e.context - 1} maximum", "messages") from None
 
 
 def parse(body: Any, tokenizer, served: str, context: int, vocab: int, defaults: Defaults) -> Request:

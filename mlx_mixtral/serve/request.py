@@ -46,6 +46,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class TooLong(APIError):
+    """A prompt that leaves no room to answer: each protocol says so in its own words (Claude
+    Code compacts on Anthropic's, Codex on OpenAI's code)."""
+
+    def __init__(self, tokens: int, context: int, param: str):
+        super().__init__(400, f"the {param} takes {tokens} tokens, which leaves no room to answer in the model's "
+                              f"context of {context} tokens; shorten it", param=param, code="context_length_exceeded")
+        self.tokens, self.context = tokens, context
+
+
 def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -332,8 +342,7 @@ def build(messages: list[dict], tools: Tools | None, text: Grammar | None, *, to
             syntax = None
     grammar = checked(text, tokenizer, "tools" if syntax is not None else format_param)
     if len(prompt) >= context:
-        raise bad(f"the {param} takes {len(prompt)} tokens, which leaves no room to answer in the model's "
-                  f"context of {context} tokens; shorten it", param, "context_length_exceeded")
+        raise TooLong(len(prompt), context, param)
     room = context - len(prompt)
     max_tokens = min(room, asked if asked is not None else defaults.max_tokens or room)
     return Request(chat=messages is not None, model=served, prompt=prompt, max_tokens=max_tokens, sampling=sampling,

@@ -34,6 +34,7 @@ from .request import (
     APIError,
     Defaults,
     Request,
+    TooLong,
     Tools,
     bad,
     boolean,
@@ -138,6 +139,7 @@ class Asked:
     previous: str | None
     store: bool
     logprobs: bool
+    failure: APIError | None = None  # streamed and refused before generating: sent as response.failed
 
 
 def _text(content: Any, param: str) -> str:
@@ -305,10 +307,19 @@ def parse(body: Any, store: ResponseStore, tokenizer, served: str, context: int,
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise bad("metadata must be an object of strings", "metadata")
-    request = build(conversation, tools, grammar, tokenizer=tokenizer, served=served, context=context,
-                    sampling=params, seed=seed, stop=[], stream=boolean(body, "stream", False),
-                    asked=max_tokens_asked(body, ("max_output_tokens",), context), defaults=defaults,
-                    logprobs=logprobs, param="input", format_param="text.format")
+    stream = boolean(body, "stream", False)
+    try:
+        request = build(conversation, tools, grammar, tokenizer=tokenizer, served=served, context=context,
+                        sampling=params, seed=seed, stop=[], stream=stream,
+                        asked=max_tokens_asked(body, ("max_output_tokens",), context), defaults=defaults,
+                        logprobs=logprobs, param="input", format_param="text.format")
+    except TooLong as e:
+        if not stream:
+            raise
+        request, failure = Request(chat=True, model=served, prompt=[], max_tokens=0, sampling=params, seed=seed,
+                                   stop=[], stream=True), e  # streamed: OpenAI's response.failed, as Codex reads it
+    else:
+        failure = None
     echo = {"instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
             "metadata": metadata or {}, "parallel_tool_calls": boolean(body, "parallel_tool_calls", True),
             "previous_response_id": previous, "reasoning": {"effort": None, "summary": None},
@@ -316,7 +327,7 @@ def parse(body: Any, store: ResponseStore, tokenizer, served: str, context: int,
             "text": {"format": fmt, "verbosity": "medium"}, "tool_choice": body.get("tool_choice") or "auto",
             "tools": body.get("tools") or [], "top_logprobs": top or 0, "top_p": params.top_p,
             "truncation": body.get("truncation") or "disabled", "user": body.get("user")}
-    return Asked(request, echo, added, previous, stored, logprobs is not None)
+    return Asked(request, echo, added, previous, stored, logprobs is not None, failure)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,10 +378,15 @@ class ResponseReply:
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
         return [*out, self._event(kind, response=response)]
 
-    def failed(self, event: Failed) -> list[bytes]:
-        error = {"code": "server_error", "message": event.message}
+    def failed(self, event: Failed, code: str = "server_error") -> list[bytes]:
+        error = {"code": code, "message": event.message}
         return [self._event("response.failed", response={**self._object("failed", self._finished_items()),
                                                          "error": error})]
+
+    def refused(self) -> bytes:
+        """The whole stream of a request refused before generating (`Asked.failure`)."""
+        e = self.asked.failure
+        return b"".join([*self.opening(), *self.failed(Failed(e.message, e.status), e.code or "invalid_request")])
 
     def whole(self) -> dict[str, Any]:
         out = self.output

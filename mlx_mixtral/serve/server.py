@@ -231,7 +231,10 @@ def create_app(scheduler: Scheduler, served: str, defaults: Defaults, api_key: s
 
     async def responses(request: HTTPRequest) -> Response | EventStream:
         asked = await read(request, responses_api.parse, store)
-        return await answer(request, asked.request, responses_api.ResponseReply(asked, tokenizer.token_bytes, store))
+        reply = responses_api.ResponseReply(asked, tokenizer.token_bytes, store)
+        if asked.failure is not None:
+            return Response(reply.refused(), media_type="text/event-stream")
+        return await answer(request, asked.request, reply)
 
     async def stored_response(request: HTTPRequest) -> Response:
         check_key(request)
