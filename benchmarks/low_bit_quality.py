@@ -8,7 +8,11 @@ each miss rule: a miss whose router weight is below the threshold reads the low-
 held-out perplexity, mean KL(resident || streamed) per token, top-1 agreement; and the expert
 bytes read per token (full and low-bit reads, on disk).
 
-    python -m benchmarks.low_bit_quality [--tokens 128] [--slots 4 8 12]
+`--calibration` converts with the shipped calibration text (importance-weighted scales for the
+main weights and the copies alike); `--skips 0.2 0.3` adds rows with `--expert-skip` on top of
+the 2-bit copy for second choices (a left-out second expert is not read at all).
+
+    python -m benchmarks.low_bit_quality [--tokens 128] [--slots 4 8 12] [--calibration] [--skips ...]
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--slots", type=int, nargs="+", default=[4, 8, 12])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--calibration", action="store_true", help="convert with the shipped calibration text")
+    parser.add_argument("--skips", type=float, nargs="*", default=[], help="--expert-skip fractions to add")
     args = parser.parse_args()
     src = args.trained / "float32"
     if not (src / "model.safetensors").is_file():
@@ -82,7 +88,7 @@ def main() -> None:
     rows = []
     try:
         folders = {bits: convert(src, work / f"4bit-miss{bits}", quantize=True, dtype="bfloat16", miss_bits=bits,
-                                 progress=False).path for bits in (2, 3)}
+                                 progress=False, calibration=args.calibration or None).path for bits in (2, 3)}
         reference, _ = decode(folders[2], tokens)
         rows.append({"slots": None, "bits": None, "threshold": None, **quality(reference, reference, targets)})
         for slots, budget in budgets_for(folders[2], args.slots).items():
@@ -95,12 +101,17 @@ def main() -> None:
                     rows.append({"slots": slots, "bits": bits, "threshold": threshold,
                                  **quality(reference, got, targets), **reads})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            for skip in args.skips:
+                got, reads = decode(folders[2], tokens, max_memory=budget, miss_bits=2, expert_skip=skip)
+                rows.append({"slots": slots, "bits": 2, "threshold": 0.5, "skip": skip,
+                             **quality(reference, got, targets), **reads})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(f"{PROMPTS} held-out windows x {args.tokens} tokens decoded one at a time; the trained model, 4-bit, "
-          f"32 experts\n")
+          f"32 experts{', calibrated' if args.calibration else ''}\n")
     print("| cached experts | low-bit copy | rule | MB read / token (full + low-bit) | vs no copy | perplexity "
           "| KL vs resident | top-1 agreement |")
     print("|---:|---|---|---:|---:|---:|---:|---:|")
@@ -113,7 +124,7 @@ def main() -> None:
         if r["bits"] == 4:
             base = mb
         rule = "-" if r["threshold"] is None else {0.5: "second choice (w < 0.5)", 1.0: "every miss"}.get(
-            r["threshold"], f"w < {r['threshold']}")
+            r["threshold"], f"w < {r['threshold']}") + (f", --expert-skip {r['skip']}" if r.get("skip") else "")
         print(f"| {r['slots']} | {'-' if r['bits'] == 4 else str(r['bits']) + '-bit'} | {rule} | {mb:.2f} "
               f"({r['full_mb_per_token']:.2f} + {r['low_mb_per_token']:.2f}) | {mb / base - 1:+.0%} | {r['ppl']:.2f} "
               f"| {r['kl']:.4f} | {r['top1']:.1%} |")
