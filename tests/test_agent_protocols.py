@@ -316,11 +316,14 @@ class Verdict(BaseModel):
 
 
 def test_the_agents_sdk_runs_a_function_tool_and_an_output_type(server):
-    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_default_openai_client, set_tracing_disabled
+    from agents.models.multi_provider import MultiProvider
 
     set_tracing_disabled(True)  # (it would send traces to OpenAI)
-    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="sekret", max_retries=0)
-    model = OpenAIResponsesModel(model=NAME, openai_client=client)
+    set_default_openai_client(AsyncOpenAI(base_url=f"{server.url}/v1", api_key="sekret", max_retries=0),
+                              use_for_tracing=False)
+    model = NAME  # a plain name: the SDK's default provider and model class
+    assert isinstance(MultiProvider().get_model(NAME), OpenAIResponsesModel)  # ... which is the Responses API
     ran = []
 
     @function_tool
