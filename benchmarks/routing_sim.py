@@ -302,9 +302,10 @@ def mixed_cache_reads(trace: np.ndarray, slots: int, low_size: float, warmup: in
     return reads / (tokens - warmup)
 
 
-def levers(shape: Shape, budget: float, tokens: int) -> None:
+def levers(shape: Shape, budget: float, tokens: int, skips: tuple[float, ...] = ()) -> None:
     """What else could cut the bytes at one budget (cyclic, no prefetch): caching the low-bit copies,
-    or every expert at 3 or 2 bits (more of them fit, each read is smaller)."""
+    or every expert at 3 or 2 bits (more of them fit, each read is smaller), and with them
+    `--expert-skip` leaving out the given shares of second choices (the yardstick's rates)."""
     trace = paper_trace(shape.layers, tokens + 100, shape.experts)
     slots = slots_for(shape, budget)
 
@@ -321,6 +322,11 @@ def levers(shape: Shape, budget: float, tokens: int) -> None:
         each = shape.expert_gb * (bits + 0.5) / 4.5
         fit = max(0, math.floor((budget - shape.resident_gb - STAGING_GB) / each))
         line(f"every expert at {bits} bits ({fit} slots)", replay(trace, fit, "cyclic", None).misses / tokens * each)
+        for share in skips:  # --expert-skip: a left-out second choice names the first expert again
+            left = trace.copy()
+            drop = np.random.default_rng(1).random(left.shape[:2]) < share
+            left[..., 1] = np.where(drop, left[..., 0], left[..., 1])
+            line(f"  and {share:.0%} of second choices left out", replay(left, fit, "cyclic", None).misses / tokens * each)
 
 
 def main() -> None:
@@ -329,10 +335,12 @@ def main() -> None:
     p.add_argument("--recall", type=float, default=0.57, help="prefetch recall (the trained yardstick's)")
     p.add_argument("--levers", type=float, default=None, metavar="GB",
                    help="instead: the other ways to read fewer bytes, for 8x7B at this budget (9 for a 16 GB Mac)")
+    p.add_argument("--skip-shares", type=float, nargs="*", default=[],
+                   help="with --levers: shares of second choices --expert-skip leaves out (from calibrated_quality)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.levers is not None:
-        levers(MIXTRAL_8X7B, args.levers, args.tokens)
+        levers(MIXTRAL_8X7B, args.levers, args.tokens, tuple(args.skip_shares))
         return
     results = []
     for shape in (MIXTRAL_8X7B, MIXTRAL_8X22B):
