@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from benchmarks import train_small
-from benchmarks.quant_quality import evaluate
+from benchmarks.quant_quality import CHUNK, compare, perplexity, run_model
 from convert.convert import convert, parameter_count
 from convert.weighted_quant import weighted_quantize
 from mlx_mixtral.config import ModelConfig
@@ -46,6 +46,22 @@ SKIPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 MLX_LM = (("mlx-lm 2-bit", ["--q-bits", "2"]), ("mlx-lm 3-bit", ["--q-bits", "3"]),
           ("mlx-lm mixed_2_6", ["--q-bits", "2", "--quant-predicate", "mixed_2_6"]),
           ("mlx-lm mixed_3_4", ["--q-bits", "3", "--quant-predicate", "mixed_3_4"]))
+
+
+def score(model, windows: np.ndarray, ref: list | None = None, ref4: list | None = None) -> tuple[dict, dict | None, list]:
+    """One forward pass over `windows`: held-out perplexity and, against each reference's chunks
+    (the float model's, the resident 4-bit model's), KL, top-1 agreement and expert sets changed;
+    and this model's own chunks, to be a reference in turn."""
+    chunks = [run_model(model, mx.array(windows[i:i + CHUNK, :-1])) for i in range(0, len(windows), CHUNK)]
+    ppl = {"perplexity": perplexity([c[0] for c in chunks], windows)}
+
+    def against(reference: list | None) -> dict | None:
+        if reference is None:
+            return None
+        return {**ppl, **dict(zip(("kl", "top1", "changed"), np.mean([compare(r, c) for r, c in zip(reference, chunks)],
+                                                                      axis=0)))}
+
+    return against(ref) or ppl, against(ref4), chunks
 
 
 def bits_per_weight(folder: Path, config: ModelConfig) -> float:
@@ -106,15 +122,11 @@ def main_quality(out: Path, count: int, length: int) -> None:
     rows: list[tuple[str, str, float, dict, dict | None]] = []  # section, label, bpw, vs float, vs 4-bit
 
     def measure(folder: Path, ref: list, ref4: list | None = None, **load) -> tuple[dict, dict | None, list]:
-        model = load_model(folder, progress=False, **load)
-        result, _ = evaluate(model, windows, ref)
-        vs4 = evaluate(model, windows, ref4)[0] if ref4 is not None else None
-        _, chunks = evaluate(model, windows)
-        return result, vs4, chunks
+        return score(load_model(folder, progress=False, **load), windows, ref, ref4)
 
     try:
         source = with_tokenizer_config(src, work)
-        base, ref = evaluate(load_model(source, progress=False), windows)
+        base, _, ref = score(load_model(source, progress=False), windows)
         print(f"float32 held-out perplexity {base['perplexity']:.3f}", file=sys.stderr)
         four = {}
         for group in (32, 64):
@@ -167,9 +179,8 @@ def main_quality(out: Path, count: int, length: int) -> None:
         folder = work / "q4-g64-True"
         for fraction in SKIPS:
             model = load_model(folder, progress=False, expert_skip=fraction)
-            r, _ = evaluate(model, windows, four[64, True])
             share = left_out_share(model, windows)
-            vs_float, _ = evaluate(model, windows, ref)
+            vs_float, r, _ = score(model, windows, ref, four[64, True])
             skips.append((fraction, share, r, vs_float))
             print(fraction, share, r, vs_float, file=sys.stderr)
     finally:
