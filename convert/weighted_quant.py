@@ -32,7 +32,13 @@ def weighted_quantize(w: mx.array, importance: mx.array, group_size: int, bits: 
                       dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
     """`w` [..., out, in] quantized along `in` in groups, weighted by `importance` (broadcastable
     to [..., 1, in]: one weight per input channel, > 0). Returns (packed codes, scales, biases)
-    as `mx.quantize(w, group_size, bits)` shapes them, scales and biases in `dtype`."""
+    as `mx.quantize(w, group_size, bits)` shapes them, scales and biases in `dtype`. Stacked
+    experts are searched one at a time, so the search's temporaries (a few float32 copies) are
+    those of one matrix, not of the whole stack."""
+    if w.ndim > 2:
+        parts = [weighted_quantize(w[i], importance[i] if importance.ndim == w.ndim else importance, group_size,
+                                   bits, dtype) for i in range(w.shape[0])]
+        return tuple(mx.stack([p[k] for p in parts]) for k in range(3))
     *lead, rows, cols = w.shape
     groups = cols // group_size
     x = w.astype(mx.float32).reshape(*lead, rows, groups, group_size)
