@@ -46,7 +46,7 @@ from .openai_reply import Reply
 from .output import ProtocolReply
 from .prompt_pool import PromptPool
 from .request import APIError, Defaults, Request, bad
-from .responses_api import ResponseStore
+from .response_store import ResponseStore
 from .scheduler import Busy, Done, Failed, Job, Piece, Scheduler, Started, incident
 
 # Browser pages served from this machine may call the API; any other origin only when named with
