@@ -242,7 +242,7 @@ class MessageReply:
                 _event("message_stop")]
 
     def failed(self, event: Failed) -> list[bytes]:
-        status, body = error(APIError(event.status, event.message, "server_error"))
+        _, body = error(APIError(event.status, event.message, "server_error"))
         return [_event("error", error=body["error"])]
 
     def whole(self) -> dict[str, Any]:

@@ -89,8 +89,6 @@ class ProtocolReply(Protocol):
     """What the server asks of a protocol's reply: server-sent events as the job's events come
     (`opening` before any), and the whole reply once it is `done` (stream: false)."""
 
-    output: Output
-
     def opening(self) -> list[bytes]: ...
 
     def started(self, event: Started) -> list[bytes]: ...
